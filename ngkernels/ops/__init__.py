@@ -1,0 +1,1 @@
+"""One file per fused op: its Triton kernels and launch wrappers."""

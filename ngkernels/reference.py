@@ -1,0 +1,108 @@
+"""The NormGuard / flow-matching math, written once in plain torch.
+
+This module is both the CPU ("torch") backend of every op and the float64 oracle of the tests.
+
+Per sample i (v flattened over all non-batch dims to N elements):
+
+    n_i = ||v_i||_2                 r_i = ||v_ref,i||_2
+    excess_i = n_i - (1 + margin) r_i          (relative=False)
+             = n_i / r_i - (1 + margin)        (relative=True)
+    h_i = max(0, excess_i)          penalty_i = h_i**2 if squared else h_i
+    mse_i = mean_j (v_ij - target_ij)**2       l_i = w_i * mse_i
+    loss_i = l_i + ng_lambda * penalty_i       (each term only when its inputs are given)
+
+Gradients flow to v only:
+
+    d loss_i / d v_i = a_i * v_i + c_i * (v_i - target_i)
+    a_i = ng_lambda * (dpenalty/dh) * (1/r_i if relative) / n_i   where excess_i > 0 and n_i > 0, else 0
+    c_i = 2 w_i / N
+
+`sample_stats` -> `loss_terms` is the loss; `grad_coefficients` is its hand-derived gradient. The tests
+differentiate `reference_loss` (float64, autograd) to check `grad_coefficients` and every kernel.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class SampleStats(NamedTuple):
+    """Per-sample reductions of one pass over the data (each [B], accumulation dtype)."""
+
+    v_norm: torch.Tensor  # ||v_i||
+    ref_norm: Optional[torch.Tensor]  # ||v_ref,i|| (None without v_ref)
+    mse: Optional[torch.Tensor]  # mean_j (v_ij - target_ij)^2 (None without target)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates (and reports) in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Optional[torch.Tensor]) -> SampleStats:
+    """Norms and MSE of [B, N] views, accumulated in float32 (float64 for float64 inputs)."""
+    acc = accumulation_dtype(v2d.dtype)
+    v = v2d.to(acc)
+    v_norm = torch.linalg.vector_norm(v, dim=1)
+    ref_norm = None if ref2d is None else torch.linalg.vector_norm(ref2d.to(acc), dim=1)
+    mse = None if target2d is None else (v - target2d.to(acc)).square().mean(dim=1)
+    return SampleStats(v_norm, ref_norm, mse)
+
+
+def hinge_excess(v_norm, ref_norm, margin: float, relative: bool):
+    if relative:
+        return v_norm / ref_norm - (1.0 + margin)
+    return v_norm - (1.0 + margin) * ref_norm
+
+
+def loss_terms(stats: SampleStats, weight, ng_lambda: float, margin: float, relative: bool, squared: bool):
+    """Per-sample loss [B] from the stats. Differentiable (the oracle runs autograd through it).
+
+    A NaN excess stays NaN (torch.relu propagates it), so non-finite inputs never become a finite loss.
+    """
+    loss = torch.zeros_like(stats.v_norm)
+    if stats.mse is not None:
+        loss = loss + (stats.mse if weight is None else weight.to(stats.mse.dtype) * stats.mse)
+    if stats.ref_norm is not None:
+        h = torch.relu(hinge_excess(stats.v_norm, stats.ref_norm, margin, relative))
+        loss = loss + ng_lambda * (h.square() if squared else h)
+    return loss
+
+
+def grad_coefficients(stats: SampleStats, weight, n_elements: int, ng_lambda: float, margin: float,
+                      relative: bool, squared: bool):
+    """(a, c) with d loss_i / d v_i = a_i v_i + c_i (v_i - target_i); either may be None when its term is absent."""
+    a = c = None
+    if stats.ref_norm is not None:
+        n, r = stats.v_norm, stats.ref_norm
+        excess = hinge_excess(n, r, margin, relative)
+        dp_dh = 2.0 * excess if squared else torch.ones_like(excess)
+        if relative:
+            dp_dh = dp_dh / r
+        a = torch.where((excess > 0) & (n > 0), ng_lambda * dp_dh / n, torch.zeros_like(n))
+        a = torch.where(excess.isnan(), excess, a)  # a NaN excess gives a NaN gradient, never a silent 0
+    if stats.mse is not None:
+        w = torch.ones_like(stats.mse) if weight is None else weight.to(stats.mse.dtype)
+        c = w * (2.0 / n_elements)
+    return a, c
+
+
+def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def reference_loss(v, target=None, v_ref=None, *, weight=None, ng_lambda=1.0, margin=0.0, relative=False,
+                   squared=False, reduction="mean"):
+    """The oracle: loss of the given terms, differentiable in v (target, v_ref, weight are detached)."""
+    B = v.shape[0]
+    stats = sample_stats(v.reshape(B, -1),
+                         None if target is None else target.detach().reshape(B, -1),
+                         None if v_ref is None else v_ref.detach().reshape(B, -1))
+    w = None if weight is None else weight.detach()
+    return reduce(loss_terms(stats, w, ng_lambda, margin, relative, squared), reduction), stats
