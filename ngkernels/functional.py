@@ -9,6 +9,7 @@ so `torch.compile(fn, fullgraph=True)` sees no graph break.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -102,7 +103,7 @@ class FusedLossFunction(torch.autograd.Function):
 
 def _rows(name: str, x: torch.Tensor, B: int) -> torch.Tensor:
     """[B, N] view with unit column stride (a copy only when the layout needs one)."""
-    x2d = x.reshape(B, -1)
+    x2d = x.reshape(B, math.prod(x.shape[1:]))
     return x2d if x2d.stride(1) == 1 or x2d.shape[1] <= 1 else x2d.contiguous()
 
 

@@ -23,6 +23,7 @@ differentiate `reference_loss` (float64, autograd) to check `grad_coefficients` 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,9 +55,9 @@ def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Opt
 
 
 def hinge_excess(v_norm, ref_norm, margin: float, relative: bool):
-    if relative:
-        return v_norm / ref_norm - (1.0 + margin)
-    return v_norm - (1.0 + margin) * ref_norm
+    """excess_i; NaN where ||v_ref,i|| is not finite (an infinite reference would switch the hinge off silently)."""
+    excess = v_norm / ref_norm - (1.0 + margin) if relative else v_norm - (1.0 + margin) * ref_norm
+    return torch.where(torch.isfinite(ref_norm), excess, torch.nan)
 
 
 def loss_terms(stats: SampleStats, weight, ng_lambda: float, margin: float, relative: bool, squared: bool):
@@ -100,9 +101,9 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 def reference_loss(v, target=None, v_ref=None, *, weight=None, ng_lambda=1.0, margin=0.0, relative=False,
                    squared=False, reduction="mean"):
     """The oracle: loss of the given terms, differentiable in v (target, v_ref, weight are detached)."""
-    B = v.shape[0]
-    stats = sample_stats(v.reshape(B, -1),
-                         None if target is None else target.detach().reshape(B, -1),
-                         None if v_ref is None else v_ref.detach().reshape(B, -1))
+    shape = (v.shape[0], math.prod(v.shape[1:]))
+    stats = sample_stats(v.reshape(shape),
+                         None if target is None else target.detach().reshape(shape),
+                         None if v_ref is None else v_ref.detach().reshape(shape))
     w = None if weight is None else weight.detach()
     return reduce(loss_terms(stats, w, ng_lambda, margin, relative, squared), reduction), stats

@@ -110,6 +110,7 @@ def _fwd_kernel(
                 excess = n / ref - (1.0 + margin)
             else:
                 excess = n - (1.0 + margin) * ref
+            excess = tl.where(ref < float("inf"), excess, float("nan"))  # as reference.hinge_excess
             h = tl.where(excess <= 0.0, 0.0, excess)  # max(0, x) that keeps NaN
             if SQUARED:
                 loss += ng_lambda * h * h
