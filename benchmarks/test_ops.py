@@ -1,0 +1,55 @@
+"""Every op x implementation x mode x shape x dtype, timed with pytest-benchmark (and do_bench on CUDA).
+
+The case list comes from `harness.cases` (parametrised in conftest.py by --bench-shapes); each test adds one
+row to the run's CSV. A full pass of ngkernels and of torch.compile must agree with eager before it is timed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from benchmarks import harness
+
+TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=2e-2, atol=1e-3)}
+
+
+def assert_matches_eager(case: harness.Case, device: torch.device):
+    """Loss and gradient of the timed implementation equal those of the eager expression on the same inputs."""
+    inputs = harness.make_inputs(case, device)
+    got = harness.Pass(harness.Case(case.op, case.impl, "forward", case.shape, case.dims, case.dtype), inputs)
+    loss = got()
+    loss.backward()
+    grad, inputs["v"].grad = inputs["v"].grad, None
+    want = harness.Pass(harness.Case(case.op, "eager", "forward", case.shape, case.dims, case.dtype), inputs)
+    want_loss = want()
+    want_loss.backward()
+    torch.testing.assert_close(loss.float(), want_loss.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.float(), inputs["v"].grad.float(), **TOLERANCE[case.dtype])
+
+
+def test_op(case, benchmark, bench_device, bench_env, copy_gbps, bench_rows, pytestconfig):
+    if case.mode == "full" and case.impl != "eager":
+        assert_matches_eager(case, bench_device)
+
+    def timer(fn: harness.Pass):
+        if bench_device.type == "cuda":
+            # do_bench is the number reported; pytest-benchmark's own table gets the synchronised wall time
+            result = harness.time_cuda(fn)
+            benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), setup=fn.reset, rounds=20, warmup_rounds=2)
+            return result
+        rounds = harness.rounds_for(fn, pytestconfig.getoption("bench_max_time"))
+        benchmark.pedantic(fn, setup=fn.reset, rounds=rounds, iterations=1)
+        samples_ms = [s * 1e3 for s in benchmark.stats.stats.data]
+        deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
+        return statistics.median(samples_ms), deciles[1], deciles[7], "pytest-benchmark"
+
+    row = harness.measure(case, bench_device, bench_env, copy_gbps, timer)
+    benchmark.extra_info.update({k: row[k] for k in ("median_ms", "timer", "bw_fraction", "launches_kernels",
+                                                     "peak_extra_mib", "cudagraph_ms") if row.get(k) is not None})
+    bench_rows.append(row)
+    assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
+    if case.mode == "full":
+        assert 0 < row["bw_fraction"] and row["peak_extra_mib"] > 0
