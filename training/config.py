@@ -1,0 +1,414 @@
+"""One dataclass tree for a whole run; YAML files under training/configs/; `key=value` dotted overrides.
+
+    cfg = load_config("training/configs/toy.yaml", ["method.name=awm", "normguard.ng_lambda=0.1"])
+
+Every key is checked against the tree and every value against its field's type (and range) before any
+work starts: an unknown key or a bad value is a ValueError that names the key and, for a typo, the
+closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
+
+
+@dataclass
+class ToyConfig:
+    """The embedded default's tiny SD3-architecture transformer, its synthetic data and its pretraining."""
+
+    image_size: int = 16  # pixels (the toy works in pixel space: 3 channels, values in [-1, 1])
+    patch_size: int = 2
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    attention_head_dim: int = 8
+    pretrain_steps: int = 1200
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 2e-3
+    caption_dropout: float = 0.1  # captions dropped to the empty prompt, so CFG works
+    cache_dir: str = "outputs/cache"  # pretrained reference weights, keyed by a hash of this section
+
+
+@dataclass
+class ModelConfig:
+    type: str = "toy"  # a key of training.models.MODELS: toy | sd3 | flux
+    path: str = ""  # local diffusers pipeline folder (sd3 / flux)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights' dtype
+    resolution: int = 512  # image size for sd3 / flux
+    max_sequence_length: int = 256  # T5 tokens for sd3 / flux
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    mode: Literal["lora", "full"] = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=list)  # empty: the model's attention projections
+    init_lora_weights: Literal["gaussian", "default"] = "gaussian"  # both start with lora_B = 0
+
+
+@dataclass
+class SamplingConfig:
+    """The rollout sampler (evaluation uses the same one, with eval.num_steps)."""
+
+    sampler: Literal["ode", "sde"] = "ode"
+    num_steps: int = 10
+    shift: float = 1.0  # sigma' = shift*sigma / (1 + (shift-1)*sigma); SD3.5 uses 3.0
+    guidance_scale: float = 1.0  # 1 = no CFG (NFT / AWM / DPO train CFG-free)
+    noise_level: float = 0.7  # SDE eta (Flow-GRPO's noise_level)
+    rescale_to_reference: bool = False  # inference baseline: rescale v to ||v_ref|| each step
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    group_size: int = 8  # images per prompt; any value, independent of processes x batch
+    batch_size: int = 64  # images per sampler forward, per process
+    prompts: list[str] = field(default_factory=list)  # prompt pool (empty: the toy's captions / prompt_file)
+    prompt_file: str = ""  # one prompt per line
+
+
+@dataclass
+class RewardConfig:
+    name: str = "caption_match"  # a key of training.rewards.REWARDS
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+
+
+@dataclass
+class NormGuardConfig:
+    """L = L_base + ng_lambda * hinge(||v_theta|| - (1+margin) ||v_ref||), v_ref from the reference policy."""
+
+    ng_lambda: float = 0.0  # 0 turns NormGuard off (the norm ratio is still logged)
+    margin: float = 0.0
+    squared: bool = False
+    relative: bool = False  # hinge on ||v||/||v_ref|| - (1+margin): scale-free across timesteps
+    per_token: bool = False  # norms per spatial token ([B,C,H,W] -> [B*H*W, C]) instead of per sample
+
+
+TimestepScheme = Literal["sampler", "stratified", "logit_normal", "uniform"]
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (NVlabs/DiffusionNFT train_nft_sd3.py)."""
+
+    beta: float = 1.0  # v+ = beta v + (1-beta) v_old, v- = (1+beta) v_old - beta v
+    loss_form: Literal["x0", "velocity"] = "x0"  # x0: adaptive-weighted (authors' code); velocity: paper eq.
+    kl_beta: float = 1e-4  # weight of mean((v - v_ref)^2)
+    adv_clip_max: float = 5.0
+    old_decay_rate: float = 0.001  # old <- d old + (1-d) theta, d = min(rate * step, max)
+    old_decay_max: float = 0.5
+    timesteps: TimestepScheme = "sampler"
+    num_timesteps: int = 4  # per sample and step
+
+
+@dataclass
+class AWMConfig:
+    """Advantage Weighted Matching (scxue/advantage_weighted_matching train_sd3_awm.py)."""
+
+    weighting: Literal["ghuber", "uniform", "t", "t2"] = "ghuber"
+    ghuber_p: float = 0.25
+    clip_range: float = 1.0
+    adv_max: float = 1.0
+    adv_clip_max: float = 5.0
+    kl_beta: float = 1e-3  # mean((v - v_ref)^2)
+    ema_beta: float = 1.0  # mean((v - v_ema)^2)
+    ema_decay_rate: float = 0.001  # ema <- d ema + (1-d) theta, d = min(rate * step, max)
+    ema_decay_max: float = 0.3
+    timesteps: TimestepScheme = "stratified"
+    num_timesteps: int = 4
+
+
+@dataclass
+class DPOConfig:
+    """Flow-DPO (yifan123/flow_grpo train_sd3_dpo.py) on each prompt's best/worst pair."""
+
+    beta: float = 100.0
+    ref_update_every: int = 0  # 0: fixed reference (adapter disabled); k: copy the learner to "ref" every k steps
+    timesteps: TimestepScheme = "logit_normal"
+    num_timesteps: int = 2
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["nft", "awm", "dpo"] = "nft"
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30  # RL steps (one rollout each)
+    batch_size: int = 16  # training items per micro-batch, per process (each item x its timesteps)
+    grad_accum: int = 1  # micro-batches per optimizer update
+    inner_epochs: int = 1  # passes over each rollout
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    adv_std: Literal["global", "group"] = "global"  # advantage = (r - prompt mean) / (std + 1e-4)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # steps between evaluations (0: only before and after)
+    num_prompts: int = 16  # 0: every prompt of the pool
+    samples_per_prompt: int = 2
+    num_steps: int = 0  # sampler steps for evaluation (0: sampling.num_steps)
+
+
+@dataclass
+class LogConfig:
+    output_dir: str = "outputs"
+    run_name: str = "toy_nft"
+    checkpoint_every: int = 10  # steps (0: only at the end)
+    keep_checkpoints: int = 2
+    ratio_buckets: int = 4  # sigma buckets for the logged norm ratio ||v||/||v_ref||
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    normguard: NormGuardConfig = field(default_factory=NormGuardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.output_dir) / self.log.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranges checked after loading (dotted key -> (predicate, what it must be))
+
+_POSITIVE = (lambda x: x > 0, "> 0")
+_AT_LEAST_1 = (lambda x: x >= 1, ">= 1")
+_NON_NEGATIVE = (lambda x: x >= 0, ">= 0")
+_UNIT = (lambda x: 0 <= x <= 1, "in [0, 1]")
+RANGES = {
+    "model.resolution": _AT_LEAST_1, "model.max_sequence_length": _AT_LEAST_1,
+    "model.toy.image_size": _AT_LEAST_1, "model.toy.patch_size": _AT_LEAST_1, "model.toy.num_layers": _AT_LEAST_1,
+    "model.toy.num_attention_heads": _AT_LEAST_1, "model.toy.attention_head_dim": _AT_LEAST_1,
+    "model.toy.pretrain_steps": _NON_NEGATIVE, "model.toy.pretrain_batch_size": _AT_LEAST_1,
+    "model.toy.pretrain_lr": _POSITIVE, "model.toy.caption_dropout": _UNIT,
+    "finetune.lora_r": _AT_LEAST_1, "finetune.lora_alpha": _POSITIVE,
+    "sampling.num_steps": _AT_LEAST_1, "sampling.shift": _POSITIVE, "sampling.guidance_scale": _POSITIVE,
+    "sampling.noise_level": _NON_NEGATIVE,
+    "rollout.prompts_per_step": _AT_LEAST_1, "rollout.group_size": (lambda x: x >= 2, ">= 2 (advantages compare "
+                                                                                     "images of one prompt)"),
+    "rollout.batch_size": _AT_LEAST_1,
+    "normguard.ng_lambda": _NON_NEGATIVE, "normguard.margin": (lambda x: x > -1, "> -1"),
+    "method.nft.beta": _POSITIVE, "method.nft.kl_beta": _NON_NEGATIVE, "method.nft.adv_clip_max": _POSITIVE,
+    "method.nft.old_decay_rate": _NON_NEGATIVE, "method.nft.old_decay_max": _UNIT,
+    "method.nft.num_timesteps": _AT_LEAST_1,
+    "method.awm.ghuber_p": _POSITIVE, "method.awm.clip_range": _POSITIVE, "method.awm.adv_max": _POSITIVE,
+    "method.awm.adv_clip_max": _POSITIVE, "method.awm.kl_beta": _NON_NEGATIVE, "method.awm.ema_beta": _NON_NEGATIVE,
+    "method.awm.ema_decay_rate": _NON_NEGATIVE, "method.awm.ema_decay_max": _UNIT,
+    "method.awm.num_timesteps": _AT_LEAST_1,
+    "method.dpo.beta": _POSITIVE, "method.dpo.ref_update_every": _NON_NEGATIVE, "method.dpo.num_timesteps": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
+    "train.inner_epochs": _AT_LEAST_1, "train.lr": _POSITIVE, "train.weight_decay": _NON_NEGATIVE,
+    "train.max_grad_norm": _POSITIVE,
+    "eval.every": _NON_NEGATIVE, "eval.num_prompts": _NON_NEGATIVE, "eval.samples_per_prompt": _AT_LEAST_1,
+    "eval.num_steps": _NON_NEGATIVE,
+    "log.checkpoint_every": _NON_NEGATIVE, "log.keep_checkpoints": _AT_LEAST_1, "log.ratio_buckets": _AT_LEAST_1,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, known) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys here: {sorted(known)}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """value checked (and, for int -> float, converted) against the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"config key {key!r} must be one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and item is str:
+            value = [str(v) for v in str(value).split(",") if v] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"config key {key!r}: unsupported annotation {tp!r}")  # a bug in this file, not user input
+
+
+def _merge(node, data: dict, prefix: str) -> None:
+    """Writes a nested mapping onto a dataclass node, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
+    fields = _fields(type(node))
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(dotted, fields)
+        tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(node, key), value, dotted + ".")
+        else:
+            setattr(node, key, _coerce(dotted, value, tp))
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """One `a.b.c=value` override; the value is read as YAML (1e-4, true, [a, b], null ...)."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value (e.g. train.steps=10)")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {override!r}: cannot read the value: {err}") from None
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if isinstance(node, dict):  # free-form mapping (reward.kwargs.*): the rest of the key is one entry
+            node[".".join(parts[i:])] = value
+            return
+        fields = _fields(type(node))
+        if part not in fields:
+            raise _unknown_key(dotted, fields)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(fields[part]):
+                _merge(getattr(node, part), value, dotted + ".")
+            else:
+                setattr(node, part, _coerce(dotted, value, fields[part]))
+            return
+        node = getattr(node, part)
+        if not (dataclasses.is_dataclass(node) or isinstance(node, dict)):
+            raise ValueError(f"config key {dotted!r} is a value, not a section; cannot set {key!r}")
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> Config:
+    """Ranges and cross-field rules; registry names (model type, reward) are checked here too."""
+    for key, (ok, what) in RANGES.items():
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ValueError(f"config key {key!r} must be {what}, got {value!r}")
+    toy = cfg.model.toy
+    if toy.image_size % toy.patch_size:
+        raise ValueError(f"model.toy.image_size ({toy.image_size}) must be a multiple of model.toy.patch_size "
+                         f"({toy.patch_size})")
+    from training.models import MODELS
+    from training.rewards import REWARDS
+
+    if cfg.model.type not in MODELS:
+        raise ValueError(f"config key 'model.type' must be one of {sorted(MODELS)}, got {cfg.model.type!r}")
+    if cfg.model.type != "toy" and not cfg.model.path:
+        raise ValueError(f"model.type={cfg.model.type!r} needs model.path (a local diffusers pipeline folder)")
+    if cfg.reward.name not in REWARDS:
+        raise ValueError(f"config key 'reward.name' must be one of {sorted(REWARDS)}, got {cfg.reward.name!r}")
+    if cfg.rollout.prompt_file and not Path(cfg.rollout.prompt_file).is_file():
+        raise ValueError(f"rollout.prompt_file {cfg.rollout.prompt_file!r} does not exist")
+    if cfg.model.type != "toy" and not (cfg.rollout.prompts or cfg.rollout.prompt_file):
+        raise ValueError("sd3/flux runs need prompts: set rollout.prompts or rollout.prompt_file")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (default: training/configs/toy.yaml) <- overrides, then validated."""
+    cfg = Config()
+    path = DEFAULT_CONFIG if path is None else Path(path)
+    if not path.is_file():
+        candidate = CONFIG_DIR / path
+        candidate = candidate if candidate.suffix else candidate.with_suffix(".yaml")
+        if not candidate.is_file():
+            raise ValueError(f"config file {str(path)!r} not found (nor {str(candidate)!r})")
+        path = candidate
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    _merge(cfg, data, "")
+    for override in overrides:
+        apply_override(cfg, override)
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "")
+    return validate(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def diff_configs(a: Config, b: Config, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(va):
+            out += diff_configs(va, vb, f"{prefix}{f.name}.")
+        elif va != vb:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+__all__ = ["Config", "load_config", "apply_override", "validate", "config_from_dict", "dump_config",
+           "diff_configs", "DEFAULT_CONFIG", "CONFIG_DIR"]

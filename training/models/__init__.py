@@ -1,0 +1,49 @@
+"""Model registry: `@register_model(name)` on a builder `(cfg: Config) -> FlowModel`; `build_model(cfg)`.
+
+Built-ins: "toy" (toy.py, the embedded default), "sd3" (sd3.py, a local StableDiffusion3Pipeline folder),
+"flux" (flux.py). `build_model` then sets up LoRA / full fine-tuning from `cfg.finetune`, so builders only
+construct the model (frozen weights, text encoders, VAE) and never touch adapters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from training.models.base import DEFAULT_ADAPTER, FlowModel
+
+if TYPE_CHECKING:
+    from training.config import Config
+
+MODELS: dict[str, Callable[["Config"], FlowModel]] = {}
+
+
+def register_model(name: str):
+    """Decorator: registers a builder `(cfg: Config) -> FlowModel` under `name` (the `model.type` key)."""
+
+    def decorator(builder):
+        if name in MODELS:
+            raise ValueError(f"model type {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return decorator
+
+
+def build_model(cfg: "Config") -> FlowModel:
+    """The model of `cfg.model.type`, with fine-tuning configured from `cfg.finetune`."""
+    if cfg.model.type not in MODELS:
+        raise ValueError(f"unknown model type {cfg.model.type!r}; registered: {sorted(MODELS)}")
+    model = MODELS[cfg.model.type](cfg)
+    if not isinstance(model, FlowModel):
+        raise TypeError(f"builder of {cfg.model.type!r} returned {type(model).__name__}, not a FlowModel")
+    ft = cfg.finetune
+    model.configure_finetuning(ft.mode, lora_r=ft.lora_r, lora_alpha=ft.lora_alpha,
+                               target_modules=ft.target_modules or None,
+                               init_lora_weights=True if ft.init_lora_weights == "default" else ft.init_lora_weights)
+    return model
+
+
+from training.models import sd3  # noqa: E402,F401  (registers "sd3")
+from training.models import toy  # noqa: E402,F401  (registers "toy")
+
+__all__ = ["MODELS", "FlowModel", "DEFAULT_ADAPTER", "register_model", "build_model"]

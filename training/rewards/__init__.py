@@ -1,0 +1,43 @@
+"""Reward registry: `@register_reward(name)` on a class or factory, `build_reward(name, **kwargs)` to make one.
+
+Built-in offline rewards live in `builtin.py`; CLIP-style scorers loaded from local checkpoints in `clip.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from training.rewards.base import Reward, check_reward_inputs
+
+REWARDS: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: registers a Reward class (or factory) under `name`."""
+
+    def decorator(factory):
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def build_reward(name: str, **kwargs) -> Reward:
+    """Makes the reward `name`; unknown names and keyword arguments are ValueErrors."""
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+    factory = REWARDS[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"reward {name!r}: bad arguments {sorted(kwargs)}: {err}") from None
+    return factory(**kwargs)
+
+
+from training.rewards import builtin  # noqa: E402,F401  (registers the offline rewards)
+from training.rewards import clip  # noqa: E402,F401  (registers pickscore / hpsv2 / aesthetic)
+
+__all__ = ["REWARDS", "Reward", "register_reward", "build_reward", "check_reward_inputs"]
