@@ -45,6 +45,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights' dtype
     resolution: int = 512  # image size for sd3 / flux
     max_sequence_length: int = 256  # T5 tokens for sd3 / flux
+    free_text_encoders: bool = False  # sd3 / flux: encode the fixed prompt pool once, then drop the text encoders
+    guidance: float = 3.5  # flux: distilled guidance embedded by FLUX.1-dev (ignored by schnell)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 

@@ -20,6 +20,7 @@ exactly the code the GPU runs. Splitting rows keeps the GPU busy when a few samp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -203,6 +204,11 @@ def launch_config(B: int, N: int, device: torch.device, splits: int | None = Non
     return rows, block_n, n_row_blocks, n_splits, chunk, num_warps
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (multi-GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -222,18 +228,19 @@ def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, 
     code = REDUCTION_CODE[reduction]
     out = per_sample if code == 0 else torch.empty((), dtype=acc, device=dev)
     has_t, has_r = t2d is not None, r2d is not None
-    _fwd_kernel[(n_rb, n_splits)](
-        v2d, t2d if has_t else v2d, r2d if has_r else v2d, weight if weight is not None else v2d,
-        v2d.stride(0), t2d.stride(0) if has_t else 0, r2d.stride(0) if has_r else 0,
-        part, count, stats, coef, per_sample, out,
-        B, N, chunk, n_splits, n_rb,
-        float(ng_lambda), float(margin), 1.0 / N, (1.0 / B) if code == 1 else 1.0,
-        HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None,
-        RELATIVE=bool(relative), SQUARED=bool(squared), REDUCE=code != 0,
-        ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n,
-        BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_B=min(1024, triton.next_power_of_2(B)),
-        num_warps=num_warps,
-    )
+    with _on(dev):
+        _fwd_kernel[(n_rb, n_splits)](
+            v2d, t2d if has_t else v2d, r2d if has_r else v2d, weight if weight is not None else v2d,
+            v2d.stride(0), t2d.stride(0) if has_t else 0, r2d.stride(0) if has_r else 0,
+            part, count, stats, coef, per_sample, out,
+            B, N, chunk, n_splits, n_rb,
+            float(ng_lambda), float(margin), 1.0 / N, (1.0 / B) if code == 1 else 1.0,
+            HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None,
+            RELATIVE=bool(relative), SQUARED=bool(squared), REDUCE=code != 0,
+            ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n,
+            BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_B=min(1024, triton.next_power_of_2(B)),
+            num_warps=num_warps,
+        )
     return out, stats, coef
 
 
@@ -245,10 +252,11 @@ def triton_backward(grad_out, v2d, t2d, coef, has_ref, reduction, splits=None):
     code = REDUCTION_CODE[reduction]
     go = grad_out.to(coef.dtype).contiguous()
     has_t = t2d is not None
-    _bwd_kernel[(n_rb, n_splits)](
-        v2d, t2d if has_t else v2d, grad, v2d.stride(0), t2d.stride(0) if has_t else 0,
-        coef, go, B, N, chunk, (1.0 / B) if code == 1 else 1.0,
-        HAS_A=bool(has_ref), HAS_T=has_t, GO_PER_SAMPLE=code == 0,
-        ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    with _on(v2d.device):
+        _bwd_kernel[(n_rb, n_splits)](
+            v2d, t2d if has_t else v2d, grad, v2d.stride(0), t2d.stride(0) if has_t else 0,
+            coef, go, B, N, chunk, (1.0 / B) if code == 1 else 1.0,
+            HAS_A=bool(has_ref), HAS_T=has_t, GO_PER_SAMPLE=code == 0,
+            ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
     return grad
