@@ -14,6 +14,7 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ngkernels import reference
 from ngkernels.ops import fm_normguard as _ops
@@ -91,6 +92,7 @@ class FusedLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @once_differentiable  # the gradient is a closed form of saved per-sample scalars: no double backward
     def backward(ctx, grad_loss, _grad_stats):
         v2d, t2d, coef = ctx.saved_tensors
         has_ref, reduction, backend = ctx.options

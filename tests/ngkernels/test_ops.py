@@ -190,3 +190,11 @@ def test_backends_agree_per_token(device, monkeypatch):
         out[b] = ngkernels.normguard_loss(v.reshape(-1, 16), v_ref.reshape(-1, 16), reduction="none")
     assert out["torch"].shape == (66,)
     torch.testing.assert_close(out["torch"], out["triton"], rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_a_clear_error(backend, device):
+    v, target, v_ref, _ = make_inputs((2, 6), torch.float32, device)
+    v.requires_grad_()
+    (g,) = torch.autograd.grad(ngkernels.fm_normguard_loss(v, target, v_ref), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
