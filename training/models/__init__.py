@@ -43,6 +43,7 @@ def build_model(cfg: "Config") -> FlowModel:
     return model
 
 
+from training.models import flux  # noqa: E402,F401  (registers "flux")
 from training.models import sd3  # noqa: E402,F401  (registers "sd3")
 from training.models import toy  # noqa: E402,F401  (registers "toy")
 
