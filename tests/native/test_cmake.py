@@ -1,0 +1,150 @@
+"""The native library: CMake configure + build + ctest, the AOT generator's output, and the C launch rule.
+
+One CMake build per session (the generator compiles every kernel specialisation for sm_80 and sm_90, about
+two minutes on 2 cores with a cold Triton cache). On a machine without a GPU the ctest run must report the
+GPU comparison as skipped, with its message; on a GPU it must pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ngkernels import aot
+from ngkernels.ops import fm_normguard as ops
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it on CPU
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd, timeout, **kw):
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return proc, proc.stdout + proc.stderr
+
+
+def _cuda_headers():
+    return any(Path(p, "cuda.h").exists() for p in ("/usr/local/cuda/include", "/usr/include")) or \
+        shutil.which("nvcc") is not None
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    if not _cuda_headers():
+        pytest.skip("no CUDA toolkit here: CMake skips the native library (see test_configure_without_cuda)")
+    build = tmp_path_factory.mktemp("native") / "build"
+    # the Triton cache is Triton's own default, so later sessions on this machine reuse the compiled kernels
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    proc, out = _run(["cmake", "-S", ".", "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
+                      f"-DNGKERNELS_TRITON_CACHE_DIR={cache}", "-DCMAKE_BUILD_TYPE=Release"], 300)
+    assert proc.returncode == 0, out
+    assert "building libngkernels" in out, out
+    proc, out = _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], 900)
+    assert proc.returncode == 0, out[-6000:]
+    return build
+
+
+def test_build_links_and_ctest_passes_or_skips(build_dir):
+    lib = build_dir / "libngkernels.so"
+    assert lib.exists() and (build_dir / "test_ngkernels").exists()
+    proc, out = _run(["ctest", "--test-dir", str(build_dir), "--output-on-failure", "-V"], 600)
+    assert proc.returncode == 0, out[-6000:]
+    assert "argument checks, error codes and launch plan: ok" in out, out[-4000:]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (8, 9):
+        assert "0 failure(s)" in out and "Skipped" not in out, out[-4000:]
+    else:
+        assert "SKIP:" in out and "Skipped" in out, out[-4000:]
+
+
+def test_generator_output_covers_every_specialisation(build_dir):
+    manifest = json.loads((build_dir / "aot" / "manifest.json").read_text())
+    specs = aot.specialisations(aot.ARCHS)
+    assert [k["name"] for k in manifest["kernels"]] == [s.name for s in specs]
+    assert manifest["archs"] == [80, 90] and manifest["triton"] == aot.triton.__version__
+    targets = {80: "sm_80", 90: "sm_90a"}
+    runtime = {kind: aot.kernel_params(name)[0] for kind, name in aot.KERNELS.items()}
+    for k in manifest["kernels"]:
+        cubin = (build_dir / "aot" / "cubins" / f"{k['name']}.cubin").read_bytes()
+        assert cubin[:4] == b"\x7fELF" and len(cubin) == k["cubin_size"] > 1000, k["name"]
+        assert k["target"] == targets[k["arch"]], k
+        assert k["entry"] == aot.KERNELS[k["kind"]]
+        assert k["num_params"] == len(runtime[k["kind"]]) + k["scratch_params"], k
+        assert k["num_warps"] == manifest["tiles"][k["tile"]]["num_warps"]
+    # both variants of every flag set, dtype, tile and arch
+    seen = {(k["kind"], k["arch"], k["dtype"], k["tile"], k["aligned"], k["flags"]) for k in manifest["kernels"]}
+    assert len(seen) == len(specs)
+    assert {k["arch"] for k in manifest["kernels"]} == {80, 90}
+    assert {k["dtype"] for k in manifest["kernels"]} == set(aot.DTYPES)
+
+
+@pytest.fixture(scope="session")
+def libngkernels(build_dir):
+    lib = ctypes.CDLL(str(build_dir / "libngkernels.so"))  # loads without a driver: libcuda is dlopen'ed lazily
+
+    class Plan(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_int64) for n in ("rows", "block_n", "n_row_blocks", "n_splits", "chunk",
+                                                     "num_warps", "tile")]
+
+    lib.ng_launch_plan.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Plan)]
+    lib.ng_launch_plan.restype = ctypes.c_int
+    lib.ng_status_string.restype = ctypes.c_char_p
+    lib.Plan = Plan
+    return lib
+
+
+def _c_plan(lib, B, N, sms, splits):
+    plan = lib.Plan()
+    assert lib.ng_launch_plan(B, N, sms, splits, ctypes.byref(plan)) == 0
+    return tuple(getattr(plan, n) for n, _ in lib.Plan._fields_)
+
+
+SIZES = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 1023, 1024, 1025, 2047,
+         2048, 3000, 4095, 4096, 4097, 8192, 10000, 65536, 70000, 262144, 1_000_003, 16 * 64 * 64 * 4]
+
+
+@pytest.mark.parametrize("sms", [aot.CPU_SMS, 108, 132])
+def test_c_launch_rule_matches_launch_config(libngkernels, monkeypatch, sms):
+    """The C rule is launch_config's: exactly where launch_config picks a compiled tile, and otherwise the
+    same rule with BLOCK_N rounded up to the next compiled tile and its full ROWS."""
+    monkeypatch.delenv("NGKERNELS_SPLITS", raising=False)
+    monkeypatch.setattr(ops, "_multiprocessors", lambda index: sms)
+    device = torch.device("cpu") if sms == aot.CPU_SMS else torch.device("cuda", 0)  # no GPU is touched
+    tiles = {(t.rows, t.block_n): t for t in aot.aot_tiles()}
+    exact = 0
+    for B in SIZES[:24]:
+        for N in SIZES:
+            for splits in (0, 1, 3, 300):
+                py = ops.launch_config(B, N, device, splits or None)
+                c = _c_plan(libngkernels, B, N, sms, splits)
+                assert c == aot.aot_launch_plan(B, N, sms, splits), (B, N, splits)
+                rows, block_n, n_rb, n_splits, chunk, num_warps = py
+                if (rows, block_n) in tiles:
+                    assert c[:6] == py, (B, N, splits, c, py)
+                    exact += 1
+                    continue
+                tile = aot.aot_tiles()[c[6]]
+                assert c[1] == tile.block_n == min(t.block_n for t in tiles.values() if t.block_n >= block_n)
+                assert c[0] == tile.rows and c[2] == -(-B // tile.rows) and c[5] == tile.num_warps
+                assert n_splits == c[3] == 1 and chunk == block_n and c[4] == tile.block_n  # short rows: no split
+    assert exact > 1000  # the comparison is not vacuous
+
+
+def test_configure_without_cuda_toolkit_skips_native(tmp_path):
+    proc, out = _run(["cmake", "-S", ".", "-B", str(tmp_path / "build"), "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON",
+                      f"-DPython3_EXECUTABLE={sys.executable}"], 120)
+    assert proc.returncode == 0, out
+    assert "CUDA toolkit not found" in out and "skipping libngkernels" in out, out
+    assert not (tmp_path / "build" / "CMakeFiles" / "ngkernels.dir").exists()
