@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import harness
 
-ROWS_KEY = pytest.StashKey[list]()
+RECORDER_KEY = pytest.StashKey[harness.Recorder]()
 PATHS_KEY = pytest.StashKey[dict]()
 
 
@@ -29,7 +29,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.stash[ROWS_KEY] = []
+    config.stash[RECORDER_KEY] = harness.Recorder(results_dir(config))
     # pytest-benchmark's rule: --benchmark-enable overrides --benchmark-disable
     if config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False):
         raise pytest.UsageError("the benchmark suite needs --benchmark-enable (pyproject's addopts disables "
@@ -61,23 +61,21 @@ def copy_gbps(bench_device):
 
 
 @pytest.fixture(scope="session")
-def bench_rows(pytestconfig):
-    return pytestconfig.stash[ROWS_KEY]
+def recorder(pytestconfig) -> harness.Recorder:
+    """`recorder.add(row)`: one measured row into the run's CSV."""
+    return pytestconfig.stash[RECORDER_KEY]
 
 
 def results_dir(config) -> Path:
     chosen = config.getoption("bench_results")
-    if chosen:
-        return Path(chosen)
-    if config.getoption("bench_shapes") == "smoke":
-        return harness.REPO_ROOT / ".benchmarks" / "smoke"
-    return harness.RESULTS_DIR
+    return Path(chosen) if chosen else harness.default_results_dir(config.getoption("bench_shapes"))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    rows = session.config.stash.get(ROWS_KEY, [])
-    if rows:
-        session.config.stash[PATHS_KEY] = harness.write_results(rows, results_dir(session.config))
+    recorder = session.config.stash.get(RECORDER_KEY, None)
+    paths = recorder.finish() if recorder else None
+    if paths:
+        session.config.stash[PATHS_KEY] = paths
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -56,7 +56,7 @@ MODES = ("forward", "backward", "full")
 QUANTILES = (0.5, 0.2, 0.8)
 
 CSV_COLUMNS = (
-    "device", "device_type", "torch", "triton", "ngkernels", "git_commit", "date",
+    "device", "device_type", "torch", "triton", "ngkernels", "git_commit", "date", "load_avg",
     "op", "impl", "mode", "shape", "dims", "dtype",
     "median_ms", "p20_ms", "p80_ms", "timer", "cudagraph_ms",
     "min_bytes", "eff_gbps", "copy_gbps", "bw_fraction",
@@ -216,6 +216,25 @@ class Pass:
             self.reset()
             self.run()
         _sync(self.v.device)
+
+
+AGREEMENT_TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=2e-2, atol=1e-3)}
+
+
+def check_agreement(case: Case, device: torch.device):
+    """A full pass of `case.impl` gives the loss and gradient of the eager expression on the same inputs
+    (raises AssertionError otherwise): a fast wrong answer is not a result."""
+    inputs = make_inputs(case, device)
+    v = inputs["v"]
+    outputs = []
+    for impl in (case.impl, "eager"):
+        loss = Pass(Case(case.op, impl, "forward", case.shape, case.dims, case.dtype), inputs)()
+        loss.backward()
+        outputs.append((loss.detach().float(), v.grad.float()))
+        v.grad = None
+    (loss, grad), (want_loss, want_grad) = outputs
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, **AGREEMENT_TOLERANCE[case.dtype])
 
 
 def _sync(device: torch.device):
@@ -381,6 +400,8 @@ def environment(device: torch.device) -> dict:
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
         "python": platform.python_version(),
+        # other work on the machine skews times: the 1-minute load average when the run started says how much
+        "load_avg": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",
     }
 
 
@@ -424,6 +445,11 @@ def measure(case: Case, device: torch.device, env: dict, copy_gbps: float, timer
 # ---------------------------------------------------------------------------------------------------
 # Results files
 
+def default_results_dir(shape_set: str) -> Path:
+    """Smoke runs never touch the committed results."""
+    return REPO_ROOT / ".benchmarks" / "smoke" if shape_set == "smoke" else RESULTS_DIR
+
+
 def results_paths(results_dir: Path, device: str) -> dict:
     slug = device_slug(device)
     return {ext: Path(results_dir) / f"{slug}.{ext}" for ext in ("csv", "md", "png")}
@@ -460,13 +486,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_results(rows: list[dict], results_dir: Path) -> dict:
-    """Upsert the rows into <results_dir>/<device-slug>.csv and render its markdown table and plot."""
-    from benchmarks import report
+class Recorder:
+    """Writes each row into <results_dir>/<device-slug>.csv as soon as it is measured (a run cut short keeps what
+    it measured: `python -m benchmarks.report` renders it later), and the markdown table and plot at the end."""
 
-    if not rows:
-        raise ValueError("no benchmark rows to write")
-    paths = results_paths(results_dir, rows[0]["device"])
-    upsert_rows(paths["csv"], rows)
-    report.render(paths["csv"], paths["md"], paths["png"])
-    return paths
+    def __init__(self, results_dir: Path):
+        self.results_dir = Path(results_dir)
+        self.paths: Optional[dict] = None
+
+    def add(self, row: dict):
+        self.paths = results_paths(self.results_dir, row["device"])
+        upsert_rows(self.paths["csv"], [row])
+
+    def finish(self) -> Optional[dict]:
+        """Render the markdown table and plot of everything in the CSV; the written paths, None if no rows."""
+        from benchmarks import report
+
+        if self.paths is None:
+            return None
+        report.render(self.paths["csv"], self.paths["md"], self.paths["png"])
+        return self.paths

@@ -61,7 +61,8 @@ def header(rows) -> list[str]:
         "",
         f"- torch {_distinct(rows, 'torch')}, triton {_distinct(rows, 'triton')}, "
         f"ngkernels {_distinct(rows, 'ngkernels')}, commit {_distinct(rows, 'git_commit')}",
-        f"- run (UTC): {_distinct(rows, 'date')}; timer: {_distinct(rows, 'timer')}",
+        f"- run (UTC): {_distinct(rows, 'date')}; timer: {_distinct(rows, 'timer')}; "
+        f"1-min load average at start: {_distinct(rows, 'load_avg')}",
         f"- device-to-device copy (bytes read + written), measured in the run: {', '.join(copy) or '-'} GB/s",
         "- shapes: " + ", ".join(f"{s} [{d.replace('x', ',')}]" for s, d in dims),
         "- minimal bytes of a full pass: each input (v and v_ref and/or target) read once + the gradient written "
@@ -262,9 +263,14 @@ def render(csv_path, md_path=None, png_path=None):
         raise ValueError(f"{csv_path} has no rows")
     md_path = Path(md_path or csv_path.with_suffix(".md"))
     png_path = Path(png_path or csv_path.with_suffix(".png"))
-    md_path.write_text(render_markdown(rows))
+    markdown = render_markdown(rows)
     if any(r["op"] != TRAIN_STEP for r in rows):
-        render_plot(rows, png_path)
+        try:
+            render_plot(rows, png_path)
+        except ImportError as err:  # the GPU image may lack matplotlib: say so, draw it later from the CSV
+            markdown += f"- plot not drawn here ({err}); run `python -m benchmarks.report {csv_path.name}`\n"
+            print(f"warning: {csv_path.with_suffix('.png').name} not drawn: {err}")
+    md_path.write_text(markdown)
     return md_path, png_path
 
 

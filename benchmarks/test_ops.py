@@ -13,26 +13,10 @@ import torch
 
 from benchmarks import harness
 
-TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=2e-2, atol=1e-3)}
 
-
-def assert_matches_eager(case: harness.Case, device: torch.device):
-    """Loss and gradient of the timed implementation equal those of the eager expression on the same inputs."""
-    inputs = harness.make_inputs(case, device)
-    got = harness.Pass(harness.Case(case.op, case.impl, "forward", case.shape, case.dims, case.dtype), inputs)
-    loss = got()
-    loss.backward()
-    grad, inputs["v"].grad = inputs["v"].grad, None
-    want = harness.Pass(harness.Case(case.op, "eager", "forward", case.shape, case.dims, case.dtype), inputs)
-    want_loss = want()
-    want_loss.backward()
-    torch.testing.assert_close(loss.float(), want_loss.float(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad.float(), inputs["v"].grad.float(), **TOLERANCE[case.dtype])
-
-
-def test_op(case, benchmark, bench_device, bench_env, copy_gbps, bench_rows, pytestconfig):
+def test_op(case, benchmark, bench_device, bench_env, copy_gbps, recorder, pytestconfig):
     if case.mode == "full" and case.impl != "eager":
-        assert_matches_eager(case, bench_device)
+        harness.check_agreement(case, bench_device)
 
     def timer(fn: harness.Pass):
         if bench_device.type == "cuda":
@@ -49,7 +33,7 @@ def test_op(case, benchmark, bench_device, bench_env, copy_gbps, bench_rows, pyt
     row = harness.measure(case, bench_device, bench_env, copy_gbps, timer)
     benchmark.extra_info.update({k: row[k] for k in ("median_ms", "timer", "bw_fraction", "launches_kernels",
                                                      "peak_extra_mib", "cudagraph_ms") if row.get(k) is not None})
-    bench_rows.append(row)
+    recorder.add(row)
     assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
     if case.mode == "full":
         assert 0 < row["bw_fraction"] and row["peak_extra_mib"] > 0
