@@ -9,58 +9,23 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ngkernels import aot
 from ngkernels.ops import fm_normguard as ops
+from tests.native.helpers import run
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it on CPU
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def _run(cmd, timeout, **kw):
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
-    return proc, proc.stdout + proc.stderr
-
-
-def _cuda_headers():
-    return any(Path(p, "cuda.h").exists() for p in ("/usr/local/cuda/include", "/usr/include")) or \
-        shutil.which("nvcc") is not None
-
-
-@pytest.fixture(scope="session")
-def build_dir(tmp_path_factory):
-    if not _cuda_headers():
-        pytest.skip("no CUDA toolkit here: CMake skips the native library (see test_configure_without_cuda)")
-    build = tmp_path_factory.mktemp("native") / "build"
-    # the Triton cache is Triton's own default, so later sessions on this machine reuse the compiled kernels
-    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
-    proc, out = _run(["cmake", "-S", ".", "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}",
-                      f"-DNGKERNELS_TRITON_CACHE_DIR={cache}", "-DCMAKE_BUILD_TYPE=Release"], 300)
-    assert proc.returncode == 0, out
-    assert "building libngkernels" in out, out
-    proc, out = _run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)], 900)
-    assert proc.returncode == 0, out[-6000:]
-    return build
 
 
 def test_build_links_and_ctest_passes_or_skips(build_dir):
     lib = build_dir / "libngkernels.so"
     assert lib.exists() and (build_dir / "test_ngkernels").exists()
-    proc, out = _run(["ctest", "--test-dir", str(build_dir), "--output-on-failure", "-V"], 600)
+    proc, out = run(["ctest", "--test-dir", str(build_dir), "--output-on-failure", "-V"], 600)
     assert proc.returncode == 0, out[-6000:]
     assert "argument checks, error codes and launch plan: ok" in out, out[-4000:]
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (8, 9):
@@ -143,7 +108,7 @@ def test_c_launch_rule_matches_launch_config(libngkernels, monkeypatch, sms):
 
 
 def test_configure_without_cuda_toolkit_skips_native(tmp_path):
-    proc, out = _run(["cmake", "-S", ".", "-B", str(tmp_path / "build"), "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON",
+    proc, out = run(["cmake", "-S", ".", "-B", str(tmp_path / "build"), "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON",
                       f"-DPython3_EXECUTABLE={sys.executable}"], 120)
     assert proc.returncode == 0, out
     assert "CUDA toolkit not found" in out and "skipping libngkernels" in out, out
