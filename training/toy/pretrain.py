@@ -36,8 +36,8 @@ def pretrain(toy, progress: bool = True) -> ToyFlowModel:
     torch.manual_seed(0)
     model = ToyFlowModel(toy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=toy.pretrain_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=toy.pretrain_lr, total_steps=max(toy.pretrain_steps, 1),
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(toy.pretrain_steps, 1),
+                                                          eta_min=0.1 * toy.pretrain_lr)
     model.train()
     bar = tqdm(range(toy.pretrain_steps), desc="pretrain toy reference", disable=not progress, dynamic_ncols=True)
     for _ in bar:

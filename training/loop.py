@@ -1,0 +1,487 @@
+"""The one loop every method shares.
+
+Each RL step: rollout (the method's sampling policy, ODE/SDE) -> reward -> per-prompt group advantages ->
+training items (method) -> the method's loss on forward-noised samples, micro-batched with gradient
+accumulation -> optimizer update (non-finite gradients skip it) -> the method's old/EMA/ref policy update ->
+log (CSV, TensorBoard) -> evaluation -> checkpoint (atomic, accelerate save_state).
+
+Batch geometry is free: the P x G rollout slots are spread round-robin over however many processes run, each
+process samples its slots in chunks of rollout.batch_size, and the rewards are all-gathered so every
+advantage uses its whole prompt group. All randomness of a slot (initial noise, SDE noise) and of a training
+item (timesteps, noise) comes from a generator seeded by (seed, step, index): results do not depend on the
+chunking, and `--resume` replays the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.config import Config, diff_configs, dump_config, load_config
+from training.methods import build_method
+from training.methods.base import Item, TrainBatch, train_sigmas
+from training.models import build_model
+from training.rewards import build_reward
+from training.sampling import policy_velocity, sample, sigma_schedule
+from training.tracking import CSVTracker, plot_run
+
+# stream tags for seeded generators
+_PROMPTS, _ROLLOUT, _TRAIN, _SHUFFLE, _EVAL = range(5)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator whose seed is a hash of the integer keys (numpy's SeedSequence mixing)."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def group_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, std: str = "global") -> torch.Tensor:
+    """(r - mean of its prompt's group) / (std + 1e-4); std over all rewards ("global", DiffusionNFT/AWM) or
+    over the group ("group")."""
+    rewards = rewards.double()
+    adv = torch.empty_like(rewards)
+    scale = torch.empty_like(rewards)
+    for p in prompt_ids.unique().tolist():
+        mask = prompt_ids == p
+        adv[mask] = rewards[mask] - rewards[mask].mean()
+        scale[mask] = rewards[mask].std(unbiased=False)
+    if std == "global":
+        scale.fill_(rewards.std(unbiased=False).item())
+    elif std != "group":
+        raise ValueError(f"std must be 'global' or 'group', got {std!r}")
+    return (adv / (scale + 1e-4)).float()
+
+
+@dataclass
+class RunState:
+    """The loop's own state, saved with every checkpoint (accelerate register_for_checkpointing)."""
+
+    step: int = 0
+    eval_rewards: dict = field(default_factory=dict)  # step -> evaluation reward
+    last_norm_ratio: float = math.nan
+
+    def state_dict(self):
+        return {"step": self.step, "eval_rewards": dict(self.eval_rewards), "last_norm_ratio": self.last_norm_ratio}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.eval_rewards = {int(k): float(v) for k, v in state["eval_rewards"].items()}
+        self.last_norm_ratio = float(state["last_norm_ratio"])
+
+
+@dataclass
+class Summary:
+    run_dir: Path
+    reward_before: float
+    reward_after: float
+    norm_ratio: float
+    csv: Path
+    plot: Path
+    checkpoint: Path
+    trained_weights: Path
+    seconds: float
+    steps: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"run directory      {self.run_dir}",
+            f"eval reward        {self.reward_before:.4f} (before) -> {self.reward_after:.4f} (after, step {self.steps})",
+            f"norm ratio         ||v||/||v_ref|| = {self.norm_ratio:.4f} (last step, mean over trained timesteps)",
+            f"metrics CSV        {self.csv}",
+            f"plot               {self.plot}",
+            f"checkpoint         {self.checkpoint}",
+            f"trained weights    {self.trained_weights}",
+            f"time               {self.seconds:.1f} s",
+        ]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def prompt_pool(cfg: Config) -> list[str]:
+    prompts = list(cfg.rollout.prompts)
+    if cfg.rollout.prompt_file:
+        with open(cfg.rollout.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts and cfg.model.type == "toy":
+        from training.toy.data import CAPTIONS
+
+        prompts = list(CAPTIONS)
+    if not prompts:
+        raise ValueError("no prompts: set rollout.prompts or rollout.prompt_file")
+    return prompts
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool | str = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                             gradient_accumulation_steps=cfg.train.grad_accum,
+                                             project_dir=str(self.run_dir),
+                                             log_with=["tensorboard"] if cfg.log.tensorboard else None)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        elif acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # no oversubscription
+        self.progress = cfg.log.progress and acc.is_local_main_process
+        slots = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        if slots < acc.num_processes:
+            raise ValueError(f"{slots} rollout images per step cannot be spread over {acc.num_processes} processes")
+        self.resume_from = self._resume_checkpoint(resume)
+        set_seed(cfg.train.seed)
+
+        # everything that can fail on bad input before the expensive parts (pretraining, model loading)
+        self.prompts = prompt_pool(cfg)
+        self.reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.method = build_method(cfg)
+        self.model = build_model(cfg)
+        self.method.setup(self.model)
+        self.model.to(acc.device)
+        optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.train.lr,
+                                      weight_decay=cfg.train.weight_decay)
+        self.ddp_model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.state = RunState()
+        acc.register_for_checkpointing(self.state)
+        self.sampler_sigmas = sigma_schedule(cfg.sampling.num_steps, cfg.sampling.shift)
+        self.buckets = torch.linspace(0, 1, cfg.log.ratio_buckets + 1)
+        self.bucket_names = [f"norm_ratio/{lo:.2f}-{hi:.2f}" for lo, hi in zip(self.buckets[:-1].tolist(),
+                                                                              self.buckets[1:].tolist())]
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from))
+        self._init_logs()
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up helpers
+
+    def _resume_checkpoint(self, resume) -> Path | None:
+        if not resume:
+            return None
+        path = latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+        if path is None or not path.is_dir():
+            raise ValueError(f"--resume: no checkpoint found ({path or self.run_dir / 'checkpoints'})")
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():
+            changed = [k for k in diff_configs(load_config(saved), self.cfg)
+                       if k not in ("train.steps",) and not k.startswith("log.")]
+            if changed:
+                raise ValueError(f"--resume: the config differs from the run's config.yaml in {changed}; "
+                                 "only train.steps and log.* may change")
+        return path
+
+    def _init_logs(self):
+        acc = self.accelerator
+        columns = ["reward_mean", "reward_std", "loss", *self.method.term_names, "norm_ratio", *self.bucket_names,
+                   "grad_norm", "skipped_updates", "nonfinite_losses", "eval_reward", "seconds"]
+        self.csv_path = self.run_dir / "metrics.csv"
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        self.csv = CSVTracker(self.csv_path, columns, resume_step=self.state.step if self.resume_from else None) \
+            if acc.is_main_process else None
+        if self.cfg.log.tensorboard:
+            flat = _flatten(self.cfg.to_dict())
+            acc.init_trackers("tensorboard", config=flat)
+
+    def log(self, values: dict, step: int):
+        if self.csv is not None:
+            self.csv.log(values, step)
+        if self.cfg.log.tensorboard:
+            self.accelerator.log({k: v for k, v in values.items() if not math.isnan(v)}, step=step)
+
+    # ------------------------------------------------------------------------------------------------
+    # sampling
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        unique = sorted(set(prompts))
+        with torch.no_grad():
+            enc = self.model.encode_prompts(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.accelerator.device)
+        return {k: v.index_select(0, index.to(v.device)) for k, v in enc.items()}
+
+    def _generate(self, prompts: list[str], generators: list[torch.Generator], num_steps: int, sampler: str,
+                  policy: str, bar=None) -> torch.Tensor:
+        """Clean latents for the prompts, one generator per image (initial noise, then SDE noise)."""
+        cfg, device = self.cfg.sampling, self.accelerator.device
+        sigmas = sigma_schedule(num_steps, cfg.shift)
+        x1 = torch.stack([torch.randn(self.model.latent_shape, generator=g) for g in generators]).to(device)
+        step_noise = None
+        if sampler == "sde":
+            step_noise = torch.stack([torch.randn((num_steps, *self.model.latent_shape), generator=g)
+                                      for g in generators], dim=1).to(device)
+        cond = self._encode(prompts)
+        uncond = self._encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+        with torch.no_grad(), self.model.use_adapter(policy), self.accelerator.autocast():
+            velocity = policy_velocity(self.model, cond, cfg.guidance_scale, uncond, cfg.rescale_to_reference)
+            return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise,
+                          progress=None if bar is None else (lambda: bar.update(len(prompts))))
+
+    def _score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.reward(self.model.decode(latents), prompts).float().cpu()
+
+    def _local_slots(self, total: int) -> list[int]:
+        acc = self.accelerator
+        return list(range(acc.process_index, total, acc.num_processes))
+
+    def _gather(self, pairs: list) -> list:
+        from accelerate.utils import gather_object
+
+        return gather_object(pairs) if self.accelerator.num_processes > 1 else pairs
+
+    def rollout(self, step: int):
+        """-> (local latents {slot: x0}, all rewards [S], all prompt ids [S], prompt strings per slot)."""
+        cfg = self.cfg
+        P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+        g = seeded_generator(cfg.train.seed, _PROMPTS, step)
+        chosen = torch.randperm(len(self.prompts), generator=g)[:P] if P <= len(self.prompts) \
+            else torch.randint(len(self.prompts), (P,), generator=g)
+        prompt_ids = chosen.repeat_interleave(G)
+        slot_prompts = [self.prompts[i] for i in prompt_ids.tolist()]
+        local = self._local_slots(P * G)
+        latents, scored = {}, []
+        bs = cfg.rollout.batch_size
+        with tqdm(total=len(local) * cfg.sampling.num_steps, desc=f"rollout {step}", leave=False,
+                  disable=not self.progress, unit="img-step", dynamic_ncols=True) as bar:
+            for start in range(0, len(local), bs):
+                chunk = local[start:start + bs]
+                prompts = [slot_prompts[j] for j in chunk]
+                x0 = self._generate(prompts, [seeded_generator(cfg.train.seed, _ROLLOUT, step, j) for j in chunk],
+                                    cfg.sampling.num_steps, cfg.sampling.sampler, self.method.rollout_policy(), bar)
+                rewards = self._score(x0, prompts)
+                for j, x, r in zip(chunk, x0, rewards.tolist()):
+                    latents[j] = x
+                    scored.append((j, r))
+        all_rewards = torch.empty(P * G)
+        for j, r in self._gather(scored):
+            all_rewards[j] = r
+        return latents, all_rewards, prompt_ids, slot_prompts
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean reward of the trained policy on fixed prompts and fixed noise (ODE, eval.num_steps)."""
+        cfg = self.cfg
+        prompts = self.prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else self.prompts
+        slots = [p for p in prompts for _ in range(cfg.eval.samples_per_prompt)]
+        local = self._local_slots(len(slots))
+        num_steps = cfg.eval.num_steps or cfg.sampling.num_steps
+        scored = []
+        for start in range(0, len(local), cfg.rollout.batch_size):
+            chunk = local[start:start + cfg.rollout.batch_size]
+            chunk_prompts = [slots[j] for j in chunk]
+            x0 = self._generate(chunk_prompts, [seeded_generator(cfg.train.seed, _EVAL, j) for j in chunk],
+                                num_steps, "ode", "default")
+            scored += list(zip(chunk, self._score(x0, chunk_prompts).tolist()))
+        rewards = [r for _, r in self._gather(scored)]
+        return float(np.mean(rewards))
+
+    # ------------------------------------------------------------------------------------------------
+    # training
+
+    def _assign(self, items: list[Item], latents: dict, step: int, epoch: int):
+        """-> (this process's items with their global index, per-process item counts, latents by slot)."""
+        acc = self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        order = torch.randperm(len(items), generator=seeded_generator(self.cfg.train.seed, _SHUFFLE, step, epoch))
+        indexed = [(int(k), items[k]) for k in order.tolist()]
+        if self.method.slots_per_item == 1:  # items stay with the process that sampled their slot: no transfer
+            owner = [it.slots[0] % world for _, it in indexed]
+        else:
+            owner = [n % world for n in range(len(indexed))]
+        counts = [owner.count(p) for p in range(world)]
+        mine = [pair for pair, o in zip(indexed, owner) if o == rank]
+        return mine, counts
+
+    def _batch(self, chunk: list[tuple[int, Item]], latents: dict, cond_prompts: list[str], step: int,
+               epoch: int) -> TrainBatch:
+        m = self.method.method_cfg
+        T, k = m.num_timesteps, self.method.slots_per_item
+        gens = [seeded_generator(self.cfg.train.seed, _TRAIN, step, epoch, idx) for idx, _ in chunk]
+        sigmas = train_sigmas(m.timesteps, len(chunk), T, self.sampler_sigmas, self.cfg.sampling.shift, gens)
+        noise = torch.stack([torch.randn((T, *self.model.latent_shape), generator=g) for g in gens])  # [I, T, ...]
+        device = self.accelerator.device
+        slots = [it.slots for _, it in chunk]
+        x0 = torch.stack([torch.stack([latents[s] for s in ss]) for ss in slots])  # [I, k, ...]
+        I = len(chunk)
+        expand = lambda x: x.reshape(I * T * k, *x.shape[3:])  # noqa: E731
+        rows_x0 = expand(x0[:, None].expand(I, T, *x0.shape[1:]))
+        rows_noise = expand(noise[:, :, None].expand(I, T, k, *noise.shape[2:]).to(device))
+        rows_sigma = sigmas[:, :, None].expand(I, T, k).reshape(-1).to(device)
+        adv = torch.tensor([it.advantage for _, it in chunk])[:, None, None].expand(I, T, k).reshape(-1).to(device)
+        prompts = [cond_prompts[s] for ss in slots for _ in range(T) for s in ss]
+        return TrainBatch(rows_x0.to(device), rows_noise.to(rows_x0.dtype), rows_sigma, self._encode(prompts), adv,
+                          slots_per_item=k)
+
+    def train_on(self, items: list[Item], latents: dict, slot_prompts: list[str], step: int) -> dict:
+        cfg, acc, method = self.cfg, self.accelerator, self.method
+        world, bs, accum = acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum
+        T, k = method.method_cfg.num_timesteps, method.slots_per_item
+        if k > 1 and world > 1:  # pairs may span processes: every process gets every latent
+            latents = dict(self._gather([(j, x.cpu()) for j, x in latents.items()]))
+            latents = {j: x.to(acc.device) for j, x in latents.items()}
+        sums = {"loss": 0.0, **{t: 0.0 for t in method.term_names}, "rows": 0.0, "grad_norm": 0.0, "updates": 0.0,
+                "skipped": 0.0, "nonfinite": 0.0}
+        ratio_sum = torch.zeros(len(self.bucket_names) + 1, dtype=torch.float64)
+        ratio_count = torch.zeros_like(ratio_sum)
+        params = self.model.trainable_parameters()
+        for epoch in range(cfg.train.inner_epochs):
+            mine, counts = self._assign(items, latents, step, epoch)
+            per_update = bs * accum
+            n_micro = math.ceil(max(counts) / per_update) * accum if items else 0
+            # pad with zero-weight copies so every process runs the same number of micro-batches (DDP)
+            real = [1.0] * len(mine) + [0.0] * (n_micro * bs - len(mine))
+            filler = mine[:1] or [(0, Item((next(iter(latents)),) * k, 0.0))]
+            padded = mine + [filler[0]] * (n_micro * bs - len(mine))
+            bar = tqdm(total=n_micro, desc=f"train {step}", leave=False, disable=not self.progress, unit="batch",
+                       dynamic_ncols=True)
+            for micro in range(n_micro):
+                update = micro // accum
+                lo, hi = update * per_update, (update + 1) * per_update
+                real_rows = sum(min(max(c - lo, 0), hi - lo) for c in counts) * T  # all processes, this update
+                chunk = padded[micro * bs:(micro + 1) * bs]
+                weight = torch.tensor(real[micro * bs:(micro + 1) * bs], device=acc.device).repeat_interleave(T)
+                batch = self._batch(chunk, latents, slot_prompts, step, epoch)
+                with acc.accumulate(self.ddp_model):
+                    with acc.autocast():
+                        out = method.loss(batch, self.ddp_model, self.model)
+                    loss = (out.loss.float() * weight).sum() * (world * accum / max(real_rows, 1))
+                    if not torch.isfinite(loss):
+                        sums["nonfinite"] += 1
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                        if torch.isfinite(grad_norm):
+                            self.optimizer.step()
+                            sums["grad_norm"] += float(grad_norm)
+                            sums["updates"] += 1
+                        else:  # NaN/inf anywhere (all-reduced, so every process agrees): skip this update
+                            sums["skipped"] += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    w = weight.double().cpu()
+                    sums["rows"] += float(w.sum())
+                    sums["loss"] += float((out.loss.detach().double().cpu() * w).nan_to_num().sum())
+                    for name in method.term_names:
+                        sums[name] += float((out.terms[name].double().cpu() * w).nan_to_num().sum())
+                    rw = w.repeat_interleave(k)
+                    ratio = (out.v_norm.double() / out.ref_norm.double().clamp_min(1e-12)).cpu()
+                    bucket = torch.bucketize(batch.sigma.cpu().double(), self.buckets[1:-1].double())
+                    ratio_sum[0] += float((ratio * rw).sum())
+                    ratio_count[0] += float(rw.sum())
+                    ratio_sum[1:].index_add_(0, bucket, ratio * rw)
+                    ratio_count[1:].index_add_(0, bucket, rw)
+                bar.update(1)
+            bar.close()
+        # one reduction per step for the logs
+        keys = list(sums)
+        local = torch.tensor([sums[k_] for k_ in keys] + ratio_sum.tolist() + ratio_count.tolist(), dtype=torch.float64)
+        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if world > 1 else local
+        sums = dict(zip(keys, total[: len(keys)].tolist()))
+        n_b = len(self.bucket_names) + 1
+        rs, rc = total[len(keys): len(keys) + n_b], total[len(keys) + n_b:]
+        rows = max(sums["rows"], 1.0)
+        stats = {"loss": sums["loss"] / rows, **{t: sums[t] / rows for t in method.term_names}}
+        stats["norm_ratio"] = float(rs[0] / rc[0]) if rc[0] > 0 else math.nan
+        for name, s, c in zip(self.bucket_names, rs[1:].tolist(), rc[1:].tolist()):
+            stats[name] = s / c if c > 0 else math.nan
+        updates = sums["updates"] / world
+        stats["grad_norm"] = sums["grad_norm"] / world / updates if updates else math.nan
+        stats["skipped_updates"] = sums["skipped"] / world
+        stats["nonfinite_losses"] = sums["nonfinite"]
+        return stats
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save_checkpoint(self, step: int) -> Path:
+        """accelerate save_state into a temporary folder, then an atomic rename to checkpoints/step-N."""
+        acc = self.accelerator
+        root = self.run_dir / "checkpoints"
+        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.log.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------------------------------------
+    # the loop
+
+    def run(self) -> Summary:
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        started = time.time()
+        if 0 not in state.eval_rewards:
+            state.eval_rewards[0] = self.evaluate()
+        checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
+        outer = tqdm(range(state.step + 1, cfg.train.steps + 1), desc=f"{cfg.method.name} steps",
+                     disable=not self.progress, dynamic_ncols=True)
+        for step in outer:
+            t0 = time.time()
+            latents, rewards, prompt_ids, slot_prompts = self.rollout(step)
+            advantages = group_advantages(rewards, prompt_ids, cfg.train.adv_std)
+            items = self.method.make_items(rewards, advantages, prompt_ids)
+            stats = self.train_on(items, latents, slot_prompts, step)
+            self.method.after_step(self.model, step)
+            state.step = step
+            state.last_norm_ratio = stats["norm_ratio"]
+            eval_reward = math.nan
+            if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                eval_reward = state.eval_rewards[step] = self.evaluate()
+            self.log({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)), **stats,
+                      "eval_reward": eval_reward, "seconds": time.time() - t0}, step)
+            outer.set_postfix(reward=f"{rewards.mean():.3f}", ratio=f"{stats['norm_ratio']:.4f}", refresh=False)
+            if step == cfg.train.steps or (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0):
+                checkpoint = self.save_checkpoint(step)
+        outer.close()
+        return self.finish(checkpoint, time.time() - started)
+
+    def finish(self, checkpoint: Path | None, seconds: float) -> Summary:
+        acc, state = self.accelerator, self.state
+        weights = self.run_dir / "trained_weights"
+        plot = self.run_dir / "plot.png"
+        if acc.is_main_process:
+            self.model.save_trained(str(weights))
+            self.csv.finish()
+            plot_run(self.csv_path, plot, title=f"{self.cfg.log.run_name}: {self.cfg.method.name}, "
+                                               f"ng_lambda={self.cfg.normguard.ng_lambda}")
+        acc.end_training()
+        acc.wait_for_everyone()
+        last = max(state.eval_rewards)
+        return Summary(self.run_dir, state.eval_rewards[0], state.eval_rewards[last], state.last_norm_ratio,
+                       self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Scalars under dotted keys (TensorBoard hparams); lists and free-form mappings become strings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def train(cfg: Config, resume: bool | str = False) -> Summary:
+    return Trainer(cfg, resume=resume).run()

@@ -1,0 +1,167 @@
+"""What every RL method shares: the training batch, the method interface, the NormGuard term, timestep schemes.
+
+A method turns a batch of forward-noised rollout samples into per-item losses. Every squared error and every
+hinge goes through the ngkernels ops (`flow_matching_loss`, `fm_normguard_loss`); the methods only combine
+their per-sample outputs. The NormGuard term and its statistics (||v||, ||v_ref||, for the logged norm ratio)
+come from one `fm_normguard_loss(..., return_stats=True)` call, fused with the method's own KL-to-reference
+MSE where it has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import ngkernels
+from training.config import Config, NormGuardConfig
+from training.models.base import FlowModel
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+@dataclass
+class TrainBatch:
+    """Rows = items x timesteps x slots (slot-fastest: DPO's rows alternate winner, loser).
+
+    x_t = (1 - sigma) x0 + sigma noise and target u = noise - x0, all [N, ...]; advantages [N]; cond holds
+    batch-first conditioning tensors [N, ...].
+    """
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    advantages: torch.Tensor
+    slots_per_item: int = 1
+    logp_old: Optional[torch.Tensor] = None  # AWM's old log-likelihood surrogate (None: on-policy, detached)
+
+    @property
+    def x_t(self) -> torch.Tensor:
+        s = self.sigma.view(-1, *([1] * (self.x0.dim() - 1))).to(self.x0.dtype)
+        return (1 - s) * self.x0 + s * self.noise
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.noise - self.x0
+
+
+@dataclass
+class LossOutput:
+    """loss: per-item-row losses [N / slots] (differentiable); terms: named parts of it (detached, same shape);
+    v_norm / ref_norm: per-row ||v_theta||, ||v_ref|| [N] from the loss's own pass."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    v_norm: torch.Tensor
+    ref_norm: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Item:
+    """One training item: the rollout slots it uses (1, or DPO's (winner, loser)) and its advantage."""
+
+    slots: tuple[int, ...]
+    advantage: float
+
+
+class Method:
+    """Interface of an RL method over the shared loop (training/loop.py)."""
+
+    name: str = ""
+    term_names: tuple[str, ...] = ()
+    slots_per_item: int = 1
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ng = cfg.normguard
+
+    # the timesteps the method trains on (its config section has `timesteps` and `num_timesteps`)
+    @property
+    def method_cfg(self):
+        return getattr(self.cfg.method, self.name)
+
+    def setup(self, model: FlowModel) -> None:
+        """Adds the extra policies the method needs (before accelerate wraps the model)."""
+
+    def rollout_policy(self) -> str:
+        """The policy that samples rollouts: "default", "reference" or an adapter name."""
+        return "default"
+
+    def make_items(self, rewards: torch.Tensor, advantages: torch.Tensor, prompt_ids: torch.Tensor) -> list[Item]:
+        """Training items from the whole rollout (every process sees every slot's reward)."""
+        return [Item((i,), float(a)) for i, a in enumerate(advantages.tolist())]
+
+    def loss(self, batch: TrainBatch, velocity: VelocityFn, model: FlowModel) -> LossOutput:
+        """`velocity` is the trained policy with gradient (the DDP-wrapped model); `model` gives the no-grad
+        reference / old / EMA velocities at the same (x_t, sigma, cond)."""
+        raise NotImplementedError
+
+    def after_step(self, model: FlowModel, step: int) -> None:
+        """Updates the extra policies after RL step `step` (1-based)."""
+
+
+def normguard_term(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: NormGuardConfig,
+                   target: torch.Tensor | None = None, weight: torch.Tensor | float | None = None):
+    """Per-row  weight * mse(v, target) + ng_lambda * hinge(||v||, ||v_ref||)  and the per-row norms.
+
+    One fused ngkernels call. With ng.per_token the norms are per spatial token (model.to_tokens): the hinge
+    is averaged over tokens, the MSE is unchanged (a mean over tokens of per-token means), and the per-row
+    norms are recombined exactly as sqrt(sum of squared token norms).
+    Returns (loss [N], mse [N] or None (no grad), v_norm [N], ref_norm [N]).
+    """
+    B = v.shape[0]
+    if isinstance(weight, (int, float)):
+        weight = torch.full((B,), float(weight), device=v.device)
+    kwargs = dict(ng_lambda=ng.ng_lambda, margin=ng.margin, relative=ng.relative, squared=ng.squared,
+                  reduction="none", return_stats=True)
+    if not ng.per_token:
+        loss, stats = ngkernels.fm_normguard_loss(v, target, v_ref, weight=weight, **kwargs)
+        return loss, stats.mse, stats.v_norm, stats.ref_norm
+    tokens = model.to_tokens(v)
+    T, D = tokens.shape[1], tokens.shape[2]
+    flat = lambda x: model.to_tokens(x).reshape(B * T, D)  # noqa: E731
+    loss, stats = ngkernels.fm_normguard_loss(
+        tokens.reshape(B * T, D), None if target is None else flat(target), flat(v_ref),
+        weight=None if weight is None else weight.repeat_interleave(T), **kwargs)
+    mse = None if stats.mse is None else stats.mse.view(B, T).mean(1)
+    return (loss.view(B, T).mean(1), mse, stats.v_norm.view(B, T).square().sum(1).sqrt(),
+            stats.ref_norm.view(B, T).square().sum(1).sqrt())
+
+
+def clipped_advantages(advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """clamp(A, -clip, clip) / clip, in [-1, 1] (NFT and AWM both start from this)."""
+    return advantages.clamp(-clip, clip) / clip
+
+
+def train_sigmas(scheme: str, num_items: int, num_timesteps: int, sampler_sigmas: torch.Tensor, shift: float,
+                 generators: list[torch.Generator]) -> torch.Tensor:
+    """[num_items, num_timesteps] training sigmas, one generator per item (so items are reproducible anywhere).
+
+    sampler:      distinct random picks among the rollout sampler's sigmas (without the final 0)  (NFT)
+    stratified:   one pick per stratum of the sampler's step indices [1, int(0.9 n)]              (AWM)
+    logit_normal: sigmoid(N(0, 1)), time-shifted like the sampler                               (Flow-DPO)
+    uniform:      U(0, 1), time-shifted like the sampler
+    """
+    grid = sampler_sigmas[:-1].cpu()
+    rows = []
+    for g in generators:
+        if scheme == "sampler":
+            if num_timesteps > len(grid):
+                raise ValueError(f"num_timesteps ({num_timesteps}) exceeds the sampler's {len(grid)} steps")
+            rows.append(grid[torch.randperm(len(grid), generator=g)[:num_timesteps]])
+        elif scheme == "stratified":
+            lo, hi = (1, max(1, int(len(grid) * 0.9))) if len(grid) > 1 else (0, 0)
+            edges = torch.linspace(lo, hi + 1, num_timesteps + 1)
+            u = torch.rand(num_timesteps, generator=g)
+            idx = (edges[:-1] + u * (edges[1:] - edges[:-1])).long().clamp(lo, hi)
+            rows.append(grid[idx])
+        elif scheme in ("logit_normal", "uniform"):
+            u = torch.sigmoid(torch.randn(num_timesteps, generator=g)) if scheme == "logit_normal" \
+                else torch.rand(num_timesteps, generator=g).clamp(1e-4, 1 - 1e-4)
+            rows.append(shift * u / (1 + (shift - 1) * u))
+        else:
+            raise ValueError(f"unknown timestep scheme {scheme!r}")
+    return torch.stack(rows) if rows else torch.zeros(0, num_timesteps)

@@ -1,0 +1,97 @@
+"""Run logs: a CSV tracker for accelerate (next to its TensorBoard tracker) and the end-of-run plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from accelerate.tracking import GeneralTracker
+
+
+class CSVTracker(GeneralTracker):
+    """One row per logged step, fixed columns (empty where a step has no value); flushed every row.
+
+    On resume the rows after the resumed step are dropped first, so the file never holds steps that the
+    checkpoint does not (a kill -9 between checkpoints loses those rows with the steps).
+    """
+
+    name = "csv"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | Path, columns: list[str], resume_step: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.columns = ["step", *columns]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+            self._file = open(self.path, "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="raise")
+            self._writer.writeheader()
+            self._writer.writerows({k: row.get(k, "") for k in self.columns} for row in kept)
+        else:
+            self._file = open(self.path, "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="raise")
+            self._writer.writeheader()
+        self._file.flush()
+
+    @property
+    def tracker(self):
+        return self._writer
+
+    def store_init_configuration(self, values: dict):
+        pass  # the run directory's config.yaml holds the configuration
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise ValueError(f"CSV log: columns {sorted(unknown)} were not declared")
+        self._writer.writerow({"step": step, **values})
+        self._file.flush()
+
+    def finish(self):
+        self._file.close()
+
+
+def read_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a metrics CSV as floats (NaN where empty)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_run(csv_path: str | Path, png_path: str | Path, title: str = "") -> Path:
+    """Reward (rollout mean and evaluation) and norm ratio ||v||/||v_ref|| (overall and per sigma bucket) vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(csv_path)
+    steps = [r["step"] for r in rows]
+    fig, (ax_r, ax_n) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_r.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
+    evals = [(r["step"], r["eval_reward"]) for r in rows if not math.isnan(r.get("eval_reward", math.nan))]
+    if evals:
+        ax_r.plot(*zip(*evals), "o-", label="eval reward")
+    ax_r.set_xlabel("step")
+    ax_r.set_ylabel("reward")
+    ax_r.legend()
+    ax_r.grid(alpha=0.3)
+    for key in [k for k in (rows[0] if rows else {}) if k.startswith("norm_ratio")]:
+        ax_n.plot(steps, [r[key] for r in rows], label=key.replace("norm_ratio/", "sigma "),
+                  linewidth=2.0 if key == "norm_ratio" else 1.0)
+    ax_n.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax_n.set_xlabel("step")
+    ax_n.set_ylabel("||v_theta|| / ||v_ref||")
+    ax_n.legend(fontsize=8)
+    ax_n.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
