@@ -126,3 +126,18 @@ def test_torch_preprocess_matches_clip_processor(clip_dir, rewards, size):
     ours = rewards["hpsv2"].clip.preprocess(uint8.float() / 255)
     # PIL resizes in uint8, torch in float: they differ by rounding only
     torch.testing.assert_close(ours, expected, atol=0.03, rtol=0)
+
+
+def test_processor_from_another_folder(tmp_path, clip_dir, rewards):
+    """A model folder without tokenizer/processor files (PickScore_v1, HPSv2-hf) + processor_path."""
+    from transformers import CLIPModel
+
+    bare = tmp_path / "bare"
+    CLIPModel.from_pretrained(clip_dir).save_pretrained(bare)
+    with pytest.raises(ValueError, match="processor_path"):
+        build_reward("pickscore", path=bare)
+    reward = build_reward("pickscore", path=bare, processor_path=clip_dir)
+    images = _images()
+    torch.testing.assert_close(reward(images, PROMPTS), rewards["pickscore"](images, PROMPTS))
+    with pytest.raises(ValueError, match="processor folder"):
+        build_reward("hpsv2", path=bare, processor_path=tmp_path / "nowhere")

@@ -7,14 +7,16 @@ torch, not PIL), so gradient-based analyses (the study's adjoint sensitivity) ca
   (yuvalkirstain/PickScore_v1) is a CLIP ViT-H/14 in the transformers format; the division by 26 is
   what flow_grpo's ``pickscore_scorer.py`` does to bring the score near 1 (``score_divisor``).
 - ``hpsv2``: ``cos(text, image)``, as HPSv2's own ``score.py`` computes it (normalised features, no
-  logit scale). HPSv2 ships open_clip state dicts; convert the ViT-H/14 to a transformers
-  ``CLIPModel`` folder first (``use_logit_scale`` / ``score_divisor`` make other CLIP scorers usable).
+  logit scale). HPSv2 ships open_clip state dicts (xswu/HPSv2); a transformers ``CLIPModel`` conversion
+  of HPS v2.0 is adams-story/HPSv2-hf (v2.1 must be converted the same way; no converter here).
+  ``use_logit_scale`` / ``score_divisor`` make other CLIP scorers usable.
 - ``aesthetic``: the LAION aesthetic predictor v2 (``sac+logos+ava1-l14-linearMSE.pth``): an MLP over
   L2-normalised CLIP image embeddings of openai/clip-vit-large-patch14. The head's input size follows
   the CLIP projection dim, so the original 768-d state dict loads as is.
 
-Each folder needs what ``CLIPModel.from_pretrained`` and ``AutoProcessor.from_pretrained`` read
-(config.json, weights, tokenizer files, preprocessor/processor config).
+``path`` is a folder ``CLIPModel.from_pretrained`` reads (config.json + weights). The tokenizer and image
+processor come from the same folder, or from ``processor_path`` when the model folder lacks them (flow_grpo
+takes PickScore's processor from laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 """
 
 from __future__ import annotations
@@ -84,15 +86,23 @@ class CLIPImagePreprocess(nn.Module):
 class CLIPBackbone(nn.Module):
     """A frozen transformers CLIPModel plus its tokenizer and torch preprocessing, from a local folder."""
 
-    def __init__(self, path: str | Path, *, what: str, device=None, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, *, what: str, processor_path: str | Path | None = None, device=None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         from transformers import AutoProcessor, CLIPModel
 
         path = _existing_dir(path, what)
+        processor_dir = path if processor_path in (None, "") else Path(processor_path).expanduser()
+        if not processor_dir.is_dir():
+            raise ValueError(f"{what}: processor folder {str(processor_dir)!r} does not exist or is not a folder")
         try:
-            processor = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{what}: cannot load the processor/tokenizer from {str(path)!r}: {err}") from err
+            processor = AutoProcessor.from_pretrained(processor_dir)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{what}: cannot load the CLIP processor/tokenizer from {str(processor_dir)!r} "
+                             f"(give processor_path=<a CLIP folder with them>): {err}") from err
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise ValueError(f"{what}: {str(processor_dir)!r} holds a {type(processor).__name__}, not a CLIP processor "
+                             "(tokenizer + image processor); give processor_path=<a CLIP folder with them>")
         self.tokenizer = processor.tokenizer
         self.preprocess = CLIPImagePreprocess(processor.image_processor)
         self.model = CLIPModel.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
@@ -135,6 +145,7 @@ class CLIPScoreReward(nn.Module):
         self,
         path: str | Path | None = None,
         *,
+        processor_path: str | Path | None = None,
         use_logit_scale: bool = True,
         score_divisor: float = 1.0,
         device=None,
@@ -143,7 +154,8 @@ class CLIPScoreReward(nn.Module):
         super().__init__()
         if not (isinstance(score_divisor, (int, float)) and math.isfinite(score_divisor) and score_divisor > 0):
             raise ValueError(f"{self.name}: score_divisor must be a positive finite number, got {score_divisor!r}")
-        self.clip = CLIPBackbone(path, what=self.name, device=device, dtype=_dtype(dtype))
+        self.clip = CLIPBackbone(path, what=self.name, processor_path=processor_path, device=device,
+                                 dtype=_dtype(dtype))
         self.use_logit_scale = use_logit_scale
         self.score_divisor = float(score_divisor)
 
@@ -205,14 +217,16 @@ class AestheticReward(nn.Module):
 
     name = "aesthetic"
 
-    def __init__(self, path=None, *, head_path=None, device=None, dtype: torch.dtype | str = torch.float32):
+    def __init__(self, path=None, *, head_path=None, processor_path=None, device=None,
+                 dtype: torch.dtype | str = torch.float32):
         super().__init__()
         if head_path is None or str(head_path) == "":
             raise ValueError("aesthetic: head_path (the MLP head's state dict file) is required")
         head_path = Path(head_path).expanduser()
         if not head_path.is_file():
             raise ValueError(f"aesthetic: head state dict {str(head_path)!r} does not exist")
-        self.clip = CLIPBackbone(path, what=self.name, device=device, dtype=_dtype(dtype))
+        self.clip = CLIPBackbone(path, what=self.name, processor_path=processor_path, device=device,
+                                 dtype=_dtype(dtype))
         self.head = AestheticHead(self.clip.projection_dim)
         state = _load_state_dict(head_path)
         try:
