@@ -192,20 +192,10 @@ class PipelineFlowModel(FlowModel):
         return out
 
 
-def prompt_pool(cfg) -> list[str]:
-    """The run's fixed prompts: rollout.prompts, then the lines of rollout.prompt_file."""
-    prompts = list(cfg.rollout.prompts)
-    if cfg.rollout.prompt_file:
-        with open(cfg.rollout.prompt_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    return prompts
-
-
 def maybe_free_text_encoders(model: PipelineFlowModel, cfg) -> PipelineFlowModel:
     """model.free_text_encoders: cache the prompt pool's conditioning, then drop the text encoders."""
     if cfg.model.free_text_encoders:
-        prompts = prompt_pool(cfg)
-        if not prompts:
-            raise ValueError("model.free_text_encoders needs a fixed prompt pool (rollout.prompts or prompt_file)")
-        model.free_text_encoders(prompts, progress=cfg.log.progress)
+        from training.loop import prompt_pool  # the loop's own pool: what it will ask to encode
+
+        model.free_text_encoders(prompt_pool(cfg), progress=cfg.log.progress)
     return model
