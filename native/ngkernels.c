@@ -509,7 +509,7 @@ ng_status ng_loss_forward(const ng_inputs *in, const ng_options *o, float *loss,
 
 ng_status ng_loss_backward(const ng_inputs *in, const ng_options *o, const float *coef, const float *grad_output,
                            void *grad, void *workspace, size_t workspace_bytes, ng_stream stream) {
-    ws_layout w;
+    ws_layout w = {0};
     NG_TRY(check_inputs(in, o));
     NG_TRY(check_output(coef, 4, "coef", 1));
     NG_TRY(check_output(grad_output, 4, "grad_output", 0));

@@ -102,7 +102,8 @@ NG_API ng_status ng_normguard(const ng_inputs *inputs, const ng_options *options
 /*
  * The two halves, for autograd: the forward writes loss, stats (or NULL) and coef [2, B] float32, which the
  * backward reads with grad_output to write grad. Any inputs with target and/or v_ref set. Stats and coef rows
- * of an absent term are left untouched. The backward needs the workspace only when grad_output is NULL.
+ * of an absent term are left untouched. The backward does not read v_ref (any non-NULL pointer marks the
+ * NormGuard term) and needs the workspace only when grad_output is NULL.
  */
 NG_API ng_status ng_loss_forward(const ng_inputs *inputs, const ng_options *options, float *loss, float *stats,
                                  float *coef, void *workspace, size_t workspace_bytes, ng_stream stream);

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -48,6 +47,9 @@ def test_generator_output_covers_every_specialisation(build_dir):
         assert k["entry"] == aot.KERNELS[k["kind"]]
         assert k["num_params"] == len(runtime[k["kind"]]) + k["scratch_params"], k
         assert k["num_warps"] == manifest["tiles"][k["tile"]]["num_warps"]
+        assert not k["spills"], k["name"]
+        if k["aligned"]:  # the divisibility hints reach the code: 128-bit loads, as in the JIT's kernels
+            assert k["vector_loads"], k["name"]
     # both variants of every flag set, dtype, tile and arch
     seen = {(k["kind"], k["arch"], k["dtype"], k["tile"], k["aligned"], k["flags"]) for k in manifest["kernels"]}
     assert len(seen) == len(specs)
@@ -108,8 +110,8 @@ def test_c_launch_rule_matches_launch_config(libngkernels, monkeypatch, sms):
 
 
 def test_configure_without_cuda_toolkit_skips_native(tmp_path):
-    proc, out = run(["cmake", "-S", ".", "-B", str(tmp_path / "build"), "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON",
-                      f"-DPython3_EXECUTABLE={sys.executable}"], 120)
+    proc, out = run(["cmake", "-S", ".", "-B", tmp_path / "build", "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON"], 120)
     assert proc.returncode == 0, out
-    assert "CUDA toolkit not found" in out and "skipping libngkernels" in out, out
+    words = " ".join(out.split())  # CMake wraps warnings
+    assert "CUDA toolkit not found" in words and "skipping libngkernels" in words, out
     assert not (tmp_path / "build" / "CMakeFiles" / "ngkernels.dir").exists()
