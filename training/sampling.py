@@ -74,12 +74,25 @@ def _cat_cond(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def rescale_to_norm(v: torch.Tensor, v_ref: torch.Tensor, phi: float = 1.0) -> torch.Tensor:
+    """phi * v * ||v_ref|| / ||v|| + (1 - phi) * v, per sample: guidance_rescale's blend (diffusers
+    rescale_noise_cfg) with the L2 norm and v_ref in place of the text prediction's std."""
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"rescale phi must be in [0, 1], got {phi}")
+    scale = ngkernels.velocity_norms(v_ref) / ngkernels.velocity_norms(v).clamp_min(1e-12)
+    scale = phi * scale + (1.0 - phi)
+    return v * scale.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+
+
 def policy_velocity(model, cond: dict, guidance_scale: float = 1.0, uncond: dict | None = None,
-                    rescale_to_reference: bool = False) -> VelocityFn:
+                    rescale_to_reference: bool = False, rescale_phi: float = 1.0) -> VelocityFn:
     """v(x, sigma) of the model's policy in use: CFG v_u + w (v_c - v_u) when guidance_scale != 1 (needs
-    uncond), and optionally the NormGuard paper's inference baseline: v rescaled to ||v_ref|| per sample."""
+    uncond), and optionally the NormGuard paper's inference baseline: v rescaled to ||v_ref|| per sample,
+    blended with the unscaled v by rescale_phi (1 = fully rescaled; see `rescale_to_norm`)."""
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("guidance_scale != 1 needs the unconditional (negative prompt) conditioning")
+    if not 0.0 <= rescale_phi <= 1.0:
+        raise ValueError(f"rescale_phi must be in [0, 1], got {rescale_phi}")
 
     def guided(x, sigma):
         if guidance_scale == 1.0:
@@ -94,7 +107,6 @@ def policy_velocity(model, cond: dict, guidance_scale: float = 1.0, uncond: dict
         v = guided(x, sigma)
         with model.reference():
             v_ref = guided(x, sigma)
-        scale = ngkernels.velocity_norms(v_ref) / ngkernels.velocity_norms(v).clamp_min(1e-12)
-        return v * scale.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+        return rescale_to_norm(v, v_ref, rescale_phi)
 
     return rescaled
