@@ -57,6 +57,20 @@ def test_shapes(model):
     assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"transformer"}
 
 
+def test_bfloat16_weights(sd3_dir):
+    """Frozen weights in bf16 (model.dtype), float32 latents in and out, LoRA still trainable."""
+    model = build_model(sd3_config(sd3_dir, "model.dtype=bfloat16"))
+    assert model.transformer.base_model.model.pos_embed.proj.weight.dtype == torch.bfloat16
+    cond = model.encode_prompts(PROMPTS[:2])
+    x = torch.randn(2, *model.latent_shape)
+    v = model.velocity(x, torch.tensor([0.3, 0.8]), cond)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert any(p.grad is not None for p in model.trainable_parameters())
+    images = model.decode(x)
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32)
+
+
 def test_lora_reference_and_perturbation(model):
     cond = model.encode_prompts(PROMPTS)
     x = torch.randn(3, *model.latent_shape)
