@@ -53,6 +53,11 @@ def test_shapes(model):
     images = model.decode(x)
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
+    assert not images.requires_grad  # latents without grad: no graph
+    x.requires_grad_(True)
+    model.decode(x).mean().backward()  # reward gradients reach the latents through the frozen VAE
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model._pipeline.vae.parameters())
     # only the transformer (and its adapters) is in the module tree: checkpoints and DDP see nothing else
     assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"transformer"}
 

@@ -174,8 +174,8 @@ class PipelineFlowModel(FlowModel):
         encoders' memory (see PipelinePrompts.free_text_encoders)."""
         self.text.free_text_encoders(prompts, self._device() if now else None, progress=progress)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Differentiable w.r.t. latents that require grad (reward-gradient analyses); the VAE stays frozen."""
         return decode_with_vae(self._pipeline.vae, latents)
 
     def _device(self) -> torch.device:
