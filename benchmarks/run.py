@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, train_step
 
 try:
     from tqdm import tqdm
@@ -32,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", choices=harness.IMPLS, default=None)
     parser.add_argument("--dtypes", nargs="+", choices=tuple(harness.DTYPES), default=None)
     parser.add_argument("--max-time", type=float, default=1.0, help="CPU: seconds of timed rounds per case")
+    parser.add_argument("--train-step-rounds", type=int, default=30,
+                        help="alternated training steps per NormGuard setting (0: skip the end-to-end step)")
     args = parser.parse_args(argv)
 
     device = harness.resolve_device(args.device)
@@ -51,6 +53,13 @@ def main(argv=None):
         if case.mode == "full" and case.impl != "eager":
             harness.check_agreement(case, device)
         recorder.add(harness.measure(case, device, env, copy_gbps, timer))
+    if args.train_step_rounds > 0:
+        reason = train_step.unavailable_reason()
+        if reason:
+            print(f"training step not measured: {reason}")
+        else:
+            for row in train_step.measure(device, env, rounds=args.train_step_rounds):
+                recorder.add(row)
     for path in recorder.finish().values():
         print(path)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, report
+from benchmarks import harness, report, train_step
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_CASES = len(harness.cases("smoke"))
@@ -61,12 +61,18 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
     out = run(["-m", "pytest", "benchmarks", "--benchmark-enable", "--bench-shapes=smoke", "--bench-device=cpu",
                f"--bench-results={tmp_path}", "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,rounds"],
               tmp_path)
-    assert f"{SMOKE_CASES} passed" in out.stdout
+    train_step_runs = train_step.unavailable_reason() is None
+    assert f"{SMOKE_CASES + train_step_runs} passed" in out.stdout
     slug = harness.device_slug(harness.device_name(__import__("torch").device("cpu")))
     rows = read_csv(tmp_path / f"{slug}.csv")
     check_rows([r for r in rows if r["op"] != report.TRAIN_STEP])
     assert {r["timer"] for r in rows if r["op"] != report.TRAIN_STEP} == {"pytest-benchmark"}
     markdown = (tmp_path / f"{slug}.md").read_text()
+    if train_step_runs:
+        steps = [r for r in rows if r["op"] == report.TRAIN_STEP]
+        assert [r["impl"] for r in steps] == ["normguard_off", "normguard_on"]
+        assert all(float(r["median_ms"]) > 0 for r in steps)
+        assert "## One training step, NormGuard off vs on" in markdown
     assert "## Full pass (forward + backward)" in markdown and "checked only in CUDA results" in markdown
     for op in harness.OPS:
         assert f"| {op} | tiny | bf16 |" in markdown and f"| {op} | tiny | fp32 |" in markdown
@@ -77,7 +83,8 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
 def test_plain_runner_writes_the_same_csv(tmp_path):
     """The fallback for machines without pytest-benchmark (the GPU image may lack it); compile left out for time."""
     run(["-m", "benchmarks.run", "--shapes", "smoke", "--device", "cpu", "--results", str(tmp_path),
-         "--ops", "fm_normguard", "--impls", "ngkernels", "eager", "--max-time", "0.05"], tmp_path)
+         "--ops", "fm_normguard", "--impls", "ngkernels", "eager", "--max-time", "0.05",
+         "--train-step-rounds", "0"], tmp_path)
     (csv_path,) = tmp_path.glob("*.csv")
     rows = read_csv(csv_path)
     assert list(rows[0]) == list(harness.CSV_COLUMNS)

@@ -1,0 +1,22 @@
+"""End to end: one training step of the trainer's toy model and method, NormGuard off vs on (overhead in %)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks import train_step
+
+ROUNDS = {"smoke": 3, "full": 30}  # alternated steps per setting
+
+
+def test_train_step_normguard_overhead(bench_device, bench_env, recorder, pytestconfig):
+    reason = train_step.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    rows = train_step.measure(bench_device, bench_env, rounds=ROUNDS[pytestconfig.getoption("bench_shapes")])
+    for row in rows:
+        recorder.add(row)
+    assert [r["impl"] for r in rows] == ["normguard_off", "normguard_on"]
+    assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in rows)
