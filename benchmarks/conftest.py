@@ -24,6 +24,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-results", default=None,
                     help="folder for <device>.csv/.md/.png (default: benchmarks/results for full, "
                          ".benchmarks/smoke for smoke, so smoke runs never touch committed results)")
+    group.addoption("--bench-threads", type=int, default=0,
+                    help="CPU intra-op threads (default: torch's); recorded in every row")
     group.addoption("--bench-max-time", type=float, default=1.0,
                     help="CPU: seconds of pytest-benchmark rounds per case (at least 5 rounds)")
 
@@ -46,6 +48,7 @@ def pytest_generate_tests(metafunc):
 def bench_device(pytestconfig):
     device = harness.resolve_device(pytestconfig.getoption("bench_device"))
     harness.check_timed_backend(device)
+    harness.set_threads(pytestconfig.getoption("bench_threads"))
     return device
 
 

@@ -56,7 +56,7 @@ MODES = ("forward", "backward", "full")
 QUANTILES = (0.5, 0.2, 0.8)
 
 CSV_COLUMNS = (
-    "device", "device_type", "torch", "triton", "ngkernels", "git_commit", "date", "load_avg",
+    "device", "device_type", "torch", "triton", "ngkernels", "git_commit", "date", "load_avg", "threads",
     "op", "impl", "mode", "shape", "dims", "dtype",
     "median_ms", "p20_ms", "p80_ms", "timer", "cudagraph_ms",
     "min_bytes", "eff_gbps", "copy_gbps", "bw_fraction",
@@ -402,7 +402,17 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         # other work on the machine skews times: the 1-minute load average when the run started says how much
         "load_avg": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",
+        "threads": torch.get_num_threads(),  # CPU: intra-op threads (see set_threads)
     }
+
+
+def set_threads(threads: int):
+    """CPU intra-op threads (0 keeps torch's default). On a shared, oversubscribed machine one thread gives steadier
+    times: with two, every parallel op waits at a barrier for whichever thread the scheduler parked."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def measure(case: Case, device: torch.device, env: dict, copy_gbps: float, timer: Callable) -> dict:

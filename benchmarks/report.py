@@ -61,7 +61,7 @@ def header(rows) -> list[str]:
         f"- torch {_distinct(rows, 'torch')}, triton {_distinct(rows, 'triton')}, "
         f"ngkernels {_distinct(rows, 'ngkernels')}, commit {_distinct(rows, 'git_commit')}",
         f"- run (UTC): {_distinct(rows, 'date')}; timer: {_distinct(rows, 'timer')}; "
-        f"1-min load average at start: {_distinct(rows, 'load_avg')}",
+        f"1-min load average at start: {_distinct(rows, 'load_avg')}; torch threads: {_distinct(rows, 'threads')}",
         f"- device-to-device copy (bytes read + written), measured in the run: {', '.join(copy) or '-'} GB/s",
         "- shapes: " + ", ".join(f"{s} [{d.replace('x', ',')}]" for s, d in dims),
         "- minimal bytes of a full pass: each input (v and v_ref and/or target) read once + the gradient written "

@@ -31,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=tuple(harness.OPS), default=None)
     parser.add_argument("--impls", nargs="+", choices=harness.IMPLS, default=None)
     parser.add_argument("--dtypes", nargs="+", choices=tuple(harness.DTYPES), default=None)
+    parser.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--max-time", type=float, default=1.0, help="CPU: seconds of timed rounds per case")
     parser.add_argument("--train-step-rounds", type=int, default=30,
                         help="alternated training steps per NormGuard setting (0: skip the end-to-end step)")
@@ -38,6 +39,7 @@ def main(argv=None):
 
     device = harness.resolve_device(args.device)
     harness.check_timed_backend(device)
+    harness.set_threads(args.threads)
     env = harness.environment(device)
     copy_gbps = harness.copy_bandwidth_gbps(device)
     print(f"{env['device']}: device-to-device copy {copy_gbps:.1f} GB/s")

@@ -108,7 +108,7 @@ def measure(device: torch.device, env: dict, rounds: int = 30, warmup: int = 3) 
         ms = samples[name]
         deciles = statistics.quantiles(ms, n=10, method="inclusive")
         row = {k: env[k] for k in ("device", "device_type", "torch", "triton", "ngkernels", "git_commit", "date",
-                                   "load_avg")}
+                                   "load_avg", "threads")}
         row.update(op=TRAIN_STEP, impl=name, mode="step", shape=description["shape"], dims=description["dims"],
                    dtype=description["dtype"], median_ms=statistics.median(ms), p20_ms=deciles[1],
                    p80_ms=deciles[7], timer="cuda events, alternated" if device.type == "cuda"
