@@ -1,0 +1,82 @@
+"""One checkpoint, every instrument: reward, norm inflation and the quality proxy under plain sampling at several
+step counts (few-step behaviour), under the inference-time renormalisation baseline, and the adjoint
+sensitivity's batch coherence. Same seeds for every call, so checkpoints are compared on paired samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from training.analysis.adjoint import adjoint_sensitivity, coherence
+from training.analysis.norms import inflation_percent, ratio_rows
+from training.analysis.trajectory import Trace, repeat_prompts, traced_sample
+
+
+@dataclass
+class EvalSettings:
+    prompts: list[str]
+    samples_per_prompt: int = 8
+    num_steps: int = 8  # the full number of sampler steps
+    few_steps: tuple[int, ...] = (2, 4, 8)  # also evaluated with plain sampling (the full count is always added)
+    rescale_phis: tuple[float, ...] = (0.5, 1.0)  # renormalisation baseline blends, at the full step count
+    shift: float = 1.0
+    sampler: str = "ode"
+    guidance_scale: float = 1.0
+    adjoint_samples_per_prompt: int = 2  # 0 skips the adjoint analysis
+    seed: int = 1000  # evaluation noise (disjoint from training seeds)
+    batch_size: int = 64
+    progress: bool = True
+
+    def step_counts(self) -> list[int]:
+        return sorted({*self.few_steps, self.num_steps})
+
+
+@dataclass
+class CheckpointEval:
+    """rows: one per sampling condition; ratio_by_step: per-step ratio rows at the full step count (plain);
+    adjoint: per-step coherence rows; traces kept for plots."""
+
+    rows: list[dict]
+    ratio_by_step: list[dict]
+    adjoint: list[dict] = field(default_factory=list)
+    adjoint_total: dict = field(default_factory=dict)
+
+
+def _summarise(trace: Trace, reward, quality) -> dict:
+    rewards = reward(trace.images, trace.prompts).double()
+    row = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+           "norm_inflation_pct": inflation_percent(trace)}
+    if quality is not None:
+        row.update(quality(trace.images, trace.prompts))
+    return row
+
+
+def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, label: str = "") -> CheckpointEval:
+    """All instruments on the model's current (trained) policy against its reference."""
+    prompts = repeat_prompts(settings.prompts, settings.samples_per_prompt)
+    common = dict(shift=settings.shift, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
+                  seed=settings.seed, batch_size=settings.batch_size, progress=settings.progress)
+    rows, ratio_by_step = [], []
+    for steps in settings.step_counts():
+        trace = traced_sample(model, prompts, num_steps=steps, desc=f"{label} plain {steps} steps", **common)
+        rows.append({"sampling": "plain", "num_steps": steps, "phi": 0.0, **_summarise(trace, reward, quality)})
+        if steps == settings.num_steps:
+            ratio_by_step = ratio_rows(trace)
+    for phi in settings.rescale_phis:
+        trace = traced_sample(model, prompts, num_steps=settings.num_steps, rescale_phi=phi,
+                              desc=f"{label} renorm phi={phi}", **common)
+        rows.append({"sampling": "renorm", "num_steps": settings.num_steps, "phi": phi,
+                     **_summarise(trace, reward, quality)})
+    result = CheckpointEval(rows=rows, ratio_by_step=ratio_by_step)
+    if settings.adjoint_samples_per_prompt > 0:
+        grads, _, sigmas = adjoint_sensitivity(
+            model, repeat_prompts(settings.prompts, settings.adjoint_samples_per_prompt), reward,
+            num_steps=settings.num_steps, shift=settings.shift, sampler=settings.sampler,
+            guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size,
+            progress=settings.progress)
+        c = coherence(grads)
+        result.adjoint = c.rows(sigmas)
+        result.adjoint_total = {"total_mean_over_std": c.total_mean_over_std,
+                                "total_frac_positive": c.total_frac_positive,
+                                "median_abs_mean_over_std": sorted(abs(x) for x in c.mean_over_std)[len(c.mean) // 2]}
+    return result

@@ -1,0 +1,527 @@
+"""The NormGuard study on the embedded toy, in one command:
+
+    python -m training.analysis.study [--quick] [--out DIR] [--workers N] [key=value ...]
+
+1. Trains the grid {nft, awm, dpo} x {NormGuard off, on} from training/configs/toy.yaml (same seeds, same
+   budget; "off" is normguard.ng_lambda=0, "on" the config's NormGuard settings as they are), keeping a
+   checkpoint every step.
+2. Early-stopping control, per method: of the two runs, the one that ends with the higher logged rollout
+   reward is taken at its first checkpoint whose reward (trailing mean over `--match-window` steps) reaches
+   the other run's final reward, so the two are compared at matched reward.
+3. Evaluates the reference, every final checkpoint and every matched checkpoint with the same instruments
+   and the same evaluation noise: reward, norm inflation along the policy's own trajectory, the reward-free
+   quality proxy (Frechet distance to the toy's data in a toy-trained CNN's features, attribute accuracy),
+   few-step sampling, the renormalisation baseline, and the adjoint sensitivity's batch coherence.
+4. Writes study.md (tables), study.csv and friends, and plots into --out.
+
+The toy is not tuned for any outcome: the study uses the embedded default's config and reports what it
+measures. Runs and evaluations are spread over `--workers` processes (the toy trains single-threaded, so
+2 workers use 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from training.analysis.evaluate import EvalSettings, evaluate_checkpoint
+from training.analysis.io import pyplot, write_csv
+from training.analysis.quality import FeatureNetSpec, ToyQuality, frechet_distance, load_or_train_feature_net
+
+METHODS = ("nft", "awm", "dpo")
+NG_STATES = ("off", "on")
+REFERENCE = ("reference", "", "reference")  # the evaluation key of the untrained reference policy
+
+# --quick: a tiny toy and a tiny budget, for the tests and a first look (minutes, not a result)
+QUICK_OVERRIDES = [
+    "model.toy.image_size=8", "model.toy.num_layers=1", "model.toy.num_attention_heads=2",
+    "model.toy.attention_head_dim=8", "model.toy.pretrain_steps=150", "model.toy.pretrain_batch_size=32",
+    "sampling.num_steps=4", "rollout.prompts_per_step=4", "rollout.group_size=4", "train.steps=3",
+    "train.batch_size=16", "eval.num_prompts=4", "eval.samples_per_prompt=1",
+]
+
+
+@dataclass
+class StudySettings:
+    overrides: list[str] = field(default_factory=list)  # on top of training/configs/toy.yaml
+    samples_per_prompt: int = 16  # evaluation images per toy caption (16 captions)
+    adjoint_samples_per_prompt: int = 4
+    few_steps: tuple[int, ...] = (2, 4, 8)
+    rescale_phis: tuple[float, ...] = (0.5, 1.0)
+    feature_steps: int = 300  # feature-net training steps
+    num_reference: int = 2048  # data images for the Frechet distance's reference statistics
+    match_window: int = 3
+    workers: int = 2
+    eval_seed: int = 1000
+
+    @classmethod
+    def quick(cls) -> "StudySettings":
+        return cls(overrides=list(QUICK_OVERRIDES), samples_per_prompt=2, adjoint_samples_per_prompt=1,
+                   few_steps=(2,), rescale_phis=(1.0,), feature_steps=40, num_reference=256)
+
+
+# ------------------------------------------------------------------------------------------------------
+# configs
+
+def run_configs(base_overrides: list[str], out_dir: Path) -> dict[tuple[str, str], "object"]:
+    """(method, "off"/"on") -> Config. Same seed and budget for all; checkpoints every step for the matching."""
+    from training.config import load_config
+
+    base = load_config(None, base_overrides)
+    if base.model.type != "toy":
+        raise ValueError("the study runs on the embedded toy (model.type=toy)")
+    if base.normguard.ng_lambda <= 0:
+        raise ValueError("the base config must have NormGuard on (normguard.ng_lambda > 0); 'off' sets it to 0")
+    steps = base.train.steps
+    cfgs = {}
+    for method in METHODS:
+        for ng in NG_STATES:
+            overrides = [*base_overrides, f"method.name={method}", f"log.output_dir={out_dir / 'runs'}",
+                         f"log.run_name={method}_ng-{ng}", "log.checkpoint_every=1", f"log.keep_checkpoints={steps}",
+                         "log.progress=false", "log.tensorboard=false", "eval.every=0"]
+            if ng == "off":
+                overrides.append("normguard.ng_lambda=0")
+            cfgs[(method, ng)] = load_config(None, overrides)
+    return cfgs
+
+
+# ------------------------------------------------------------------------------------------------------
+# jobs (run in worker processes; arguments and results are plain data)
+
+def _train_job(cfg_dict: dict) -> dict:
+    from training.config import config_from_dict
+    from training.loop import train
+
+    cfg = config_from_dict(cfg_dict)
+    summary = train(cfg)
+    return {"run_dir": str(summary.run_dir), "seconds": summary.seconds, "steps": summary.steps}
+
+
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """The trained model's weights from an accelerate checkpoint folder (model.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint}: no model.safetensors (not an accelerate checkpoint of this trainer?)")
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def build_eval_model(cfg, checkpoint: str | None):
+    """The run's model (with its method's extra policies, so checkpoint keys match) at `checkpoint`
+    (None: the reference, i.e. the untouched LoRA init)."""
+    from training.methods import build_method
+    from training.models import build_model
+
+    model = build_model(cfg)
+    build_method(cfg).setup(model)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, Path(checkpoint))
+    return model.eval()
+
+
+def _eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict, spec: dict,
+              num_reference: int) -> dict:
+    from training.config import config_from_dict
+    from training.rewards import build_reward
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_dict)
+    model = build_eval_model(cfg, checkpoint)
+    reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    quality = ToyQuality(cfg.model.toy.image_size, cfg.model.toy.cache_dir, spec=FeatureNetSpec(**spec),
+                         num_reference=num_reference, progress=False)
+    started = time.time()
+    result = evaluate_checkpoint(model, reward, EvalSettings(**settings), quality=quality, label=label)
+    return {"rows": result.rows, "ratio_by_step": result.ratio_by_step, "adjoint": result.adjoint,
+            "adjoint_total": result.adjoint_total, "seconds": time.time() - started}
+
+
+# ------------------------------------------------------------------------------------------------------
+# early-stopping control
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def match_checkpoint(rewards_a: list[float], rewards_b: list[float], window: int) -> dict:
+    """Rewards per step (1..N) of two runs. The run with the higher final (trailing-mean) reward is matched
+    at its first step whose trailing mean reaches the other's final value."""
+    if not rewards_a or not rewards_b:
+        raise ValueError("need logged rewards of both runs")
+    sa, sb = trailing_mean(rewards_a, window), trailing_mean(rewards_b, window)
+    higher, target = ("a", sb[-1]) if sa[-1] >= sb[-1] else ("b", sa[-1])
+    curve = sa if higher == "a" else sb
+    step = next((i + 1 for i, r in enumerate(curve) if r >= target), len(curve))
+    return {"matched_run": higher, "step": step, "target_reward": target, "matched_reward": curve[step - 1]}
+
+
+# ------------------------------------------------------------------------------------------------------
+# the study
+
+def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = True,
+              command: str = "run_study()") -> Path:
+    from training.tracking import read_csv as read_metrics
+    from training.toy.pretrain import load_or_pretrain
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    cfgs = run_configs(settings.overrides, out_dir)
+    any_cfg = next(iter(cfgs.values()))
+    toy = any_cfg.model.toy
+    # the shared caches first, in this process, so the workers only load them
+    load_or_pretrain(toy, progress=progress)
+    spec = FeatureNetSpec(image_size=toy.image_size, train_steps=settings.feature_steps)
+    load_or_train_feature_net(spec, toy.cache_dir, progress=progress)
+    prep_seconds = time.time() - started
+
+    num_steps = any_cfg.sampling.num_steps
+    eval_settings = asdict(EvalSettings(
+        prompts=_prompts(any_cfg), samples_per_prompt=settings.samples_per_prompt, num_steps=num_steps,
+        few_steps=tuple(s for s in settings.few_steps if s <= num_steps), rescale_phis=settings.rescale_phis,
+        shift=any_cfg.sampling.shift, sampler="ode", guidance_scale=any_cfg.sampling.guidance_scale,
+        adjoint_samples_per_prompt=settings.adjoint_samples_per_prompt, seed=settings.eval_seed, progress=False))
+    eval_args = (eval_settings, asdict(spec), settings.num_reference)
+
+    train_info, evals = {}, {}
+    with ProcessPoolExecutor(max_workers=settings.workers, mp_context=_spawn()) as pool:
+        jobs = {pool.submit(_train_job, cfg.to_dict()): ("train", key) for key, cfg in cfgs.items()}
+        jobs[pool.submit(_eval_job, any_cfg.to_dict(), None, "reference", *eval_args)] = ("eval", REFERENCE)
+        _drain(jobs, train_info, evals, "train grid", progress)
+        t_train = time.time() - started
+
+        logged = {key: read_metrics(Path(info["run_dir"]) / "metrics.csv") for key, info in train_info.items()}
+        matches = {}
+        for method in METHODS:
+            off, on = [r["reward_mean"] for r in logged[(method, "off")]], [r["reward_mean"] for r in logged[(method, "on")]]
+            m = match_checkpoint(off, on, settings.match_window)
+            m["matched_run"] = "off" if m["matched_run"] == "a" else "on"
+            matches[method] = m
+        jobs = {}
+        for key, cfg in cfgs.items():
+            final = Path(train_info[key]["run_dir"]) / "checkpoints" / f"step-{cfg.train.steps}"
+            jobs[pool.submit(_eval_job, cfg.to_dict(), str(final), f"{key[0]}/{key[1]}", *eval_args)] = \
+                ("eval", (*key, "final"))
+        for method, m in matches.items():
+            key = (method, m["matched_run"])
+            if m["step"] < cfgs[key].train.steps:
+                ckpt = Path(train_info[key]["run_dir"]) / "checkpoints" / f"step-{m['step']}"
+                jobs[pool.submit(_eval_job, cfgs[key].to_dict(), str(ckpt), f"{method}/{key[1]}@{m['step']}",
+                                 *eval_args)] = ("eval", (*key, "matched"))
+        _drain(jobs, train_info, evals, "evaluate", progress)
+
+    floor_quality = ToyQuality(toy.image_size, toy.cache_dir, spec=spec, num_reference=settings.num_reference,
+                               progress=False)
+    n_eval = len(eval_settings["prompts"]) * settings.samples_per_prompt
+    fd_floor = frechet_distance(floor_quality.data_features(n_eval, seed=settings.eval_seed),
+                                floor_quality.reference_features)
+    seconds = time.time() - started
+    meta = {"command": command, "date": datetime.now(timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC"), "seconds": seconds, "prep_seconds": prep_seconds, "train_seconds": t_train,
+        "workers": settings.workers, "cpu_count": os.cpu_count(), "num_eval_images": n_eval, "fd_floor": fd_floor,
+        "train_steps": any_cfg.train.steps, "num_steps": num_steps, "ng": _ng_description(cfgs[("nft", "on")]),
+        "match_window": settings.match_window, "overrides": settings.overrides}
+    return write_report(out_dir, cfgs, train_info, logged, matches, evals, meta)
+
+
+def _prompts(cfg) -> list[str]:
+    from training.loop import prompt_pool
+
+    return prompt_pool(cfg)
+
+
+def _ng_description(cfg) -> str:
+    ng = cfg.normguard
+    form = "relative" if ng.relative else "absolute"
+    return (f"lambda={ng.ng_lambda:g}, {form}{', squared' if ng.squared else ''}, margin={ng.margin:g}"
+            f"{', per-token' if ng.per_token else ''}")
+
+
+def _spawn():
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
+def _drain(jobs: dict, train_info: dict, evals: dict, desc: str, progress: bool) -> None:
+    for future in tqdm(as_completed(jobs), total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True):
+        kind, key = jobs[future]
+        (train_info if kind == "train" else evals)[key] = future.result()  # a failed job fails the study
+
+
+# ------------------------------------------------------------------------------------------------------
+# report
+
+def _label(method, ng, which):
+    return "reference" if method == "reference" else f"{method} NG-{ng}" + ("" if which == "final" else " (matched)")
+
+
+def write_report(out_dir: Path, cfgs, train_info, logged, matches, evals, meta) -> Path:
+    steps_full = meta["num_steps"]
+    rows, ratio_rows_all, adjoint_rows = [], [], []
+    order = [REFERENCE] + [(m, ng, w) for m in METHODS for ng in NG_STATES for w in ("final", "matched")]
+    for key in order:
+        if key not in evals:
+            continue
+        method, ng, which = key
+        ev = evals[key]
+        step = 0 if method == "reference" else (cfgs[(method, ng)].train.steps if which == "final"
+                                                else matches[method]["step"])
+        logged_reward = logged_ratio = math.nan
+        if method != "reference":
+            log = logged[(method, ng)][step - 1]
+            logged_reward = trailing_mean([r["reward_mean"] for r in logged[(method, ng)]], meta["match_window"])[step - 1]
+            logged_ratio = log["norm_ratio"]
+        ident = {"method": method, "normguard": ng, "checkpoint": which, "step": step}
+        for r in ev["rows"]:
+            rows.append({**ident, **r, "train_reward_logged": logged_reward, "train_norm_ratio_logged": logged_ratio})
+        ratio_rows_all += [{**ident, **r} for r in ev["ratio_by_step"]]
+        adjoint_rows += [{**ident, **r} for r in ev["adjoint"]]
+    write_csv(rows, out_dir / "study.csv")
+    write_csv(ratio_rows_all, out_dir / "norm_ratio_by_timestep.csv")
+    if adjoint_rows:
+        write_csv(adjoint_rows, out_dir / "adjoint_coherence.csv")
+    training_rows = [{"method": m, "normguard": ng, **r} for (m, ng), log in logged.items() for r in log]
+    write_csv(training_rows, out_dir / "training_curves.csv")
+    write_csv([{"method": m, **v} for m, v in matches.items()], out_dir / "early_stopping_match.csv")
+    _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info)
+    md = _markdown(rows, adjoint_rows, evals, matches, train_info, meta, steps_full)
+    path = out_dir / "study.md"
+    path.write_text(md)
+    return path
+
+
+def _find(rows, method, ng, which, sampling="plain", num_steps=None, phi=0.0):
+    for r in rows:
+        if (r["method"], r["normguard"], r["checkpoint"], r["sampling"], r["phi"]) == (method, ng, which, sampling, phi) \
+                and (num_steps is None or r["num_steps"] == num_steps):
+            return r
+    return None
+
+
+def _f(x, fmt="{:.4f}"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _markdown(rows, adjoint_rows, evals, matches, train_info, meta, K) -> str:
+    n = meta["num_eval_images"]
+    out = [f"# NormGuard study on the embedded toy", "",
+           f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+           f"- device: CPU, {meta['cpu_count']} cores, {meta['workers']} worker processes; wall time "
+           f"{meta['seconds'] / 60:.1f} min (caches {meta['prep_seconds']:.0f} s, training grid "
+           f"{(meta['train_seconds'] - meta['prep_seconds']) / 60:.1f} min)",
+           f"- grid: {{nft, awm, dpo}} x NormGuard {{off (lambda=0), on ({meta['ng']})}}, {meta['train_steps']} RL "
+           f"steps each, same seeds; config training/configs/toy.yaml" +
+           (f" with {' '.join(meta['overrides'])}" if meta["overrides"] else ""),
+           f"- evaluation: {n} images (fixed noise, ODE, {K} steps unless stated), reward = the training reward; "
+           f"norm inflation = mean over images and steps of ||v_theta||/||v_ref|| - 1 along the policy's own "
+           f"trajectory; FD = Frechet distance to the toy's data in a toy-trained CNN's features (reward-free; "
+           f"two independent data sets of {n} images score {meta['fd_floor']:.2f}); attr acc = fraction of images "
+           f"whose colour, shape and side the CNN reads as the caption says.", ""]
+    out += ["## Reward, norm inflation, quality (end of training)", "",
+            "| run | step | eval reward (± s.e.) | norm inflation % (sampling) | logged train ratio | FD to data | attr acc |",
+            "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["sampling"] == "plain" and r["num_steps"] == K:
+            se = r["reward_std"] / math.sqrt(n)
+            ratio = r["train_norm_ratio_logged"]
+            out.append(f"| {_label(r['method'], r['normguard'], r['checkpoint'])} | {r['step']} | "
+                       f"{r['reward_mean']:.4f} ± {se:.4f} | {r['norm_inflation_pct']:+.2f} | "
+                       f"{_f(ratio)} | {r['fd']:.2f} | {r['attribute_acc']:.3f} |")
+    out += ["", "## Early-stopping control (matched reward)", "",
+            f"Per method, the run that ends with the higher logged rollout reward (trailing mean over "
+            f"{meta['match_window']} steps) is taken at its first checkpoint reaching the other run's final value.",
+            "", "| method | matched run | step | its logged reward | target (other run's final) |", "|---|---|---|---|---|"]
+    for m, v in matches.items():
+        out.append(f"| {m} | NG-{v['matched_run']} | {v['step']} | {v['matched_reward']:.4f} | {v['target_reward']:.4f} |")
+    out += ["", "The matched checkpoints' evaluation is in the table above (rows marked matched; none when the "
+            "match is the final step)."]
+    steps = sorted({r["num_steps"] for r in rows if r["sampling"] == "plain"})
+    out += ["", "## Few-step sampling (plain)", "",
+            "| run | " + " | ".join(f"reward @{s}" for s in steps) + " | " +
+            " | ".join(f"inflation % @{s}" for s in steps) + " | " + " | ".join(f"FD @{s}" for s in steps) + " |",
+            "|---|" + "---|" * (3 * len(steps))]
+    for key in _run_keys(rows):
+        cells = [_find(rows, *key, num_steps=s) for s in steps]
+        out.append(f"| {_label(*key)} | " + " | ".join(_f(c and c["reward_mean"]) for c in cells) + " | " +
+                   " | ".join(_f(c and c["norm_inflation_pct"], "{:+.2f}") for c in cells) + " | " +
+                   " | ".join(_f(c and c["fd"], "{:.2f}") for c in cells) + " |")
+    phis = sorted({r["phi"] for r in rows if r["sampling"] == "renorm"})
+    out += ["", f"## Inference-time renormalisation baseline ({K} steps)", "",
+            "v <- phi v ||v_ref||/||v|| + (1 - phi) v at every step (one extra reference forward per step).", "",
+            "| run | reward plain | " + " | ".join(f"reward phi={p:g}" for p in phis) + " | FD plain | " +
+            " | ".join(f"FD phi={p:g}" for p in phis) + " |", "|---|" + "---|" * (2 + 2 * len(phis))]
+    for key in _run_keys(rows):
+        plain = _find(rows, *key, num_steps=K)
+        ren = [_find(rows, *key, sampling="renorm", phi=p) for p in phis]
+        out.append(f"| {_label(*key)} | {_f(plain and plain['reward_mean'])} | " +
+                   " | ".join(_f(c and c["reward_mean"]) for c in ren) + f" | {_f(plain and plain['fd'], '{:.2f}')} | " +
+                   " | ".join(_f(c and c["fd"], "{:.2f}") for c in ren) + " |")
+    if adjoint_rows:
+        out += ["", "## Adjoint sensitivity: dR/d alpha_k, velocity at step k scaled by (1 + alpha_k)", "",
+                "Per step k (sigma = the step's noise level): batch mean / std of the per-image derivatives "
+                "(|.| >> 1: the batch agrees on the direction; ~0: no coherent first-order signal) and the "
+                "fraction of positive derivatives; 'all' scales every step at once (sum over k).", "",
+                "| run | " + " | ".join(f"k={r['step']} (sigma {r['sigma']:.2f})" for r in
+                                        [a for a in adjoint_rows if a['method'] == 'reference']) +
+                " | all: mean/std | all: frac > 0 |", "|---|" + "---|" * (K + 2)]
+        for key in _run_keys(rows):
+            ev = evals.get(key)
+            if ev is None or not ev["adjoint"]:
+                continue
+            cells = [f"{a['mean_over_std']:+.2f} ({a['frac_positive']:.2f})" for a in ev["adjoint"]]
+            t = ev["adjoint_total"]
+            out.append(f"| {_label(*key)} | " + " | ".join(cells) +
+                       f" | {t['total_mean_over_std']:+.2f} | {t['total_frac_positive']:.2f} |")
+        out += ["", "Cells: mean/std (fraction > 0)."]
+    out += ["", "## Timing", "", "| job | seconds |", "|---|---|"]
+    for key, info in train_info.items():
+        out.append(f"| train {key[0]} NG-{key[1]} | {info['seconds']:.1f} |")
+    for key, ev in evals.items():
+        out.append(f"| evaluate {_label(*key)} | {ev['seconds']:.1f} |")
+    out += ["", "Plots: norm_ratio_by_timestep.png, norm_ratio_over_training.png, reward_curves.png, few_step.png, "
+            "adjoint_coherence.png. Data: study.csv, norm_ratio_by_timestep.csv, adjoint_coherence.csv, "
+            "training_curves.csv, early_stopping_match.csv.", ""]
+    return "\n".join(out)
+
+
+def _run_keys(rows):
+    seen = []
+    for r in rows:
+        key = (r["method"], r["normguard"], r["checkpoint"])
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info):
+    from training.analysis.norms import norm_ratio_over_training
+
+    plt = pyplot()
+    colors = {"off": "tab:red", "on": "tab:blue"}
+    # 1. ratio by timestep, one panel per method
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.4), sharey=True)
+    for ax, method in zip(axes, METHODS):
+        for ng in NG_STATES:
+            rr = [r for r in ratio_rows_all if (r["method"], r["normguard"], r["checkpoint"]) == (method, ng, "final")]
+            if rr:
+                ax.plot([r["sigma"] for r in rr], [r["ratio_mean"] for r in rr], "o-", color=colors[ng],
+                        label=f"NG-{ng}")
+                ax.fill_between([r["sigma"] for r in rr], [r["ratio_p10"] for r in rr], [r["ratio_p90"] for r in rr],
+                                color=colors[ng], alpha=0.15)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.invert_xaxis()
+        ax.set_title(method)
+        ax.set_xlabel("sigma at the step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("||v_theta|| / ||v_ref|| (mean, 10-90 %)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "norm_ratio_by_timestep.png", dpi=110)
+    plt.close(fig)
+    # 2. the trainer's logged ratio over training
+    norm_ratio_over_training({f"{m} NG-{ng}": info["run_dir"] for (m, ng), info in sorted(train_info.items())},
+                             out_dir / "norm_ratio_over_training.png")
+    # 3. reward curves with the matched step
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.4), sharey=True)
+    for ax, method in zip(axes, METHODS):
+        for ng in NG_STATES:
+            log = logged[(method, ng)]
+            ax.plot([r["step"] for r in log], [r["reward_mean"] for r in log], color=colors[ng], lw=0.8, alpha=0.5)
+            ax.plot([r["step"] for r in log], trailing_mean([r["reward_mean"] for r in log], 3), color=colors[ng],
+                    label=f"NG-{ng}")
+        m = matches[method]
+        ax.axvline(m["step"], color=colors[m["matched_run"]], ls=":", label=f"matched step (NG-{m['matched_run']})")
+        ax.set_title(method)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("rollout reward (trailing mean 3)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reward_curves.png", dpi=110)
+    plt.close(fig)
+    # 4. few-step: reward and FD vs steps
+    fig, (ax_r, ax_q) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in _run_keys(rows):
+        if key[2] == "matched":
+            continue
+        pts = sorted((r["num_steps"], r["reward_mean"], r["fd"]) for r in rows
+                     if r["sampling"] == "plain" and (r["method"], r["normguard"], r["checkpoint"]) == key)
+        style = dict(color="black", ls="--") if key[0] == "reference" else dict(
+            color=colors[key[1]], ls="-" if key[0] == "nft" else ("-." if key[0] == "awm" else ":"))
+        ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=_label(*key), **style)
+        ax_q.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=_label(*key), **style)
+    for ax, name in ((ax_r, "reward"), (ax_q, "FD to data (lower is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_q.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "few_step.png", dpi=110)
+    plt.close(fig)
+    # 5. adjoint coherence per step
+    if adjoint_rows:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for key in _run_keys(rows):
+            if key[2] == "matched":
+                continue
+            pts = [a for a in adjoint_rows if (a["method"], a["normguard"], a["checkpoint"]) == key]
+            style = dict(color="black", ls="--") if key[0] == "reference" else dict(
+                color=colors[key[1]], ls="-" if key[0] == "nft" else ("-." if key[0] == "awm" else ":"))
+            ax.plot([a["sigma"] for a in pts], [a["mean_over_std"] for a in pts], marker="o", label=_label(*key),
+                    **style)
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.invert_xaxis()
+        ax.set_xlabel("sigma at the step")
+        ax.set_ylabel("mean / std of dR/d alpha_k over the batch")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "adjoint_coherence.png", dpi=110)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.analysis.study", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny toy and budget (minutes; for tests, not results)")
+    parser.add_argument("--out", default="outputs/study", help="output directory (default: outputs/study)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--samples-per-prompt", type=int, default=None, help="evaluation images per caption")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    args = parser.parse_args(argv)
+    settings = StudySettings.quick() if args.quick else StudySettings()
+    settings = replace(settings, overrides=[*settings.overrides, *args.overrides], workers=args.workers)
+    if args.samples_per_prompt is not None:
+        settings = replace(settings, samples_per_prompt=args.samples_per_prompt)
+    if settings.workers < 1:
+        parser.error("--workers must be >= 1")
+    try:
+        path = run_study(args.out, settings,
+                         command=" ".join(["python -m training.analysis.study", *(argv if argv is not None else sys.argv[1:])]))
+    except ValueError as err:
+        print(f"study error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
