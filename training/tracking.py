@@ -49,7 +49,8 @@ class CSVTracker(GeneralTracker):
         unknown = set(values) - set(self.columns)
         if unknown:
             raise ValueError(f"CSV log: columns {sorted(unknown)} were not declared")
-        self._writer.writerow({"step": step, **values})
+        cells = {k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+        self._writer.writerow({"step": step, **cells})
         self._file.flush()
 
     def finish(self):

@@ -1,0 +1,156 @@
+"""The shared loop on the tiny toy: advantages over free batch geometry, exact resume, crash recovery,
+non-finite losses, 1 vs 2 processes (accelerate launch, gloo), logs, and the embedded default's CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+
+from tests.training.conftest import run_cli, toy_overrides
+from training.loop import Trainer, group_advantages, latest_checkpoint
+from training.tracking import read_csv
+
+
+def rows(run_dir):
+    return read_csv(run_dir / "metrics.csv")
+
+
+def test_group_advantages_use_each_prompts_whole_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 0.0, 4.0])  # groups of 3, 2 and 2, interleaved
+    prompt_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    adv = group_advantages(rewards, prompt_ids, "group")
+    assert torch.allclose(adv[:3], torch.tensor([-1.0, 0.0, 1.0]) / (math.sqrt(2 / 3) + 1e-4))
+    assert torch.allclose(adv[3:5], torch.zeros(2))
+    assert torch.allclose(adv[5:], torch.tensor([-1.0, 1.0]) * 2 / (2 + 1e-4))
+    glob = group_advantages(rewards, prompt_ids, "global")
+    centred = torch.tensor([-1.0, 0, 1, 0, 0, -2, 2])
+    assert torch.allclose(glob, centred / (rewards.std(unbiased=False) + 1e-4))
+    shuffled = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(group_advantages(rewards[shuffled], prompt_ids[shuffled], "global"), glob[shuffled])
+
+
+@pytest.mark.parametrize("method", ["nft", "awm", "dpo"])
+def test_each_method_runs_and_logs(toy_cfg, method):
+    cfg = toy_cfg(f"method.name={method}", "log.tensorboard=true", "train.grad_accum=2", "train.batch_size=2")
+    summary = Trainer(cfg).run()
+    logged = rows(cfg.run_dir)
+    assert [r["step"] for r in logged] == [1, 2]
+    for r in logged:
+        assert math.isfinite(r["loss"]) and r["skipped_updates"] == 0
+        assert 0.5 < r["norm_ratio"] < 2.0
+        assert any(math.isfinite(r[k]) for k in r if k.startswith("norm_ratio/"))
+    assert logged[0]["norm_ratio"] == pytest.approx(1.0, abs=0.01)  # step 1 starts from v_theta == v_ref
+    assert summary.plot.is_file() and summary.plot.stat().st_size > 1000
+    assert (summary.checkpoint / "model.safetensors").is_file()
+    assert (summary.trained_weights / "adapter_config.json").is_file()
+    assert list((cfg.run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_continues_exactly(toy_cfg):
+    full = toy_cfg("train.steps=3", "log.run_name=full")
+    Trainer(full).run()
+    part = toy_cfg("train.steps=1", "log.run_name=part")
+    Trainer(part).run()
+    resumed = toy_cfg("train.steps=3", "log.run_name=part")
+    Trainer(resumed, resume=True).run()
+    a, b = rows(full.run_dir), rows(part.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["reward_mean"] == rb["reward_mean"]
+
+
+def test_a_crash_loses_only_the_steps_after_the_last_checkpoint(toy_cfg):
+    """Simulates kill -9 after step 3 with checkpoints every 2 steps: step 3's row exists, its checkpoint not.
+    Resuming replays step 3 from the step-2 checkpoint, drops the stale row, and matches an uninterrupted run."""
+    crashed = toy_cfg("train.steps=3", "log.checkpoint_every=2", "log.run_name=crash")
+    Trainer(crashed).run()
+    shutil.rmtree(crashed.run_dir / "checkpoints" / "step-3")  # the end-of-run checkpoint never got written
+    (crashed.run_dir / "checkpoints" / ".tmp-step-3").mkdir()  # a half-written one is ignored
+    assert latest_checkpoint(crashed.run_dir).name == "step-2"
+    before = rows(crashed.run_dir)
+    Trainer(toy_cfg("train.steps=4", "log.checkpoint_every=2", "log.run_name=crash"), resume=True).run()
+    after = rows(crashed.run_dir)
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert after[2]["loss"] == before[2]["loss"]
+
+
+def test_resume_refuses_a_changed_config(toy_cfg):
+    Trainer(toy_cfg("train.steps=1", "log.run_name=r")).run()
+    with pytest.raises(ValueError, match="method.nft.beta"):
+        Trainer(toy_cfg("train.steps=2", "log.run_name=r", "method.nft.beta=0.5"), resume=True)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Trainer(toy_cfg("log.run_name=never"), resume=True)
+
+
+def test_a_non_finite_loss_skips_the_update_and_training_goes_on(toy_cfg, monkeypatch):
+    cfg = toy_cfg("train.steps=2", "train.batch_size=16")  # one update per step
+    trainer = Trainer(cfg)
+    original = trainer.method.loss
+    calls = {"n": 0}
+
+    def poisoned(batch, velocity, model):
+        out = original(batch, velocity, model)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer.method, "loss", poisoned)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_trainable_parameters()}
+    orig_step = trainer.rollout
+    snapshots = []
+
+    def rollout_spy(step):
+        snapshots.append({n: p.detach().clone() for n, p in trainer.model.named_trainable_parameters()})
+        return orig_step(step)
+
+    monkeypatch.setattr(trainer, "rollout", rollout_spy)
+    trainer.run()
+    logged = rows(cfg.run_dir)
+    assert logged[0]["skipped_updates"] == 1 and logged[0]["nonfinite_losses"] == 1
+    assert logged[1]["skipped_updates"] == 0 and math.isfinite(logged[1]["loss"])
+    assert all(torch.equal(weights[n], snapshots[1][n]) for n in weights)  # step 1 changed nothing
+    assert any(not torch.equal(snapshots[1][n], p) for n, p in trainer.model.named_trainable_parameters())
+
+
+@pytest.mark.parametrize("method", ["nft", "dpo"])
+def test_two_processes_match_one(toy_cfg, tmp_path, toy_cache, method):
+    """accelerate launch --num_processes 2 --cpu (gloo): 3 prompts x 5 images = 15 slots over 2 processes
+    (8 + 7), and the run equals the single-process one."""
+    overrides = toy_overrides(tmp_path / "runs", toy_cache, f"method.name={method}", "rollout.group_size=5",
+                              "train.batch_size=16", "log.checkpoint_every=0")
+    Trainer(toy_cfg(*overrides[:0], f"method.name={method}", "rollout.group_size=5", "train.batch_size=16",
+                    "log.checkpoint_every=0", "log.run_name=one")).run()
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    result = run_cli([*overrides, "log.run_name=two"], launcher=launcher, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("=== summary ===") == 1  # printed by the main process only
+    one, two = rows(tmp_path / "runs" / "one"), rows(tmp_path / "runs" / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_embedded_default_cli_with_a_short_schedule(tmp_path, toy_cache):
+    """`python -m training` as a user runs it (the toy config), with a shortened schedule."""
+    args = [f"log.output_dir={tmp_path}", f"model.toy.cache_dir={toy_cache}", "model.toy.pretrain_steps=120",
+            "train.steps=4", "eval.every=2", "eval.num_prompts=4", "log.checkpoint_every=2"]
+    result = run_cli(args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for line in ("=== summary ===", "eval reward", "norm ratio", "metrics CSV", "plot", "checkpoint"):
+        assert line in out
+    run_dir = tmp_path / "toy_nft"
+    assert (run_dir / "plot.png").is_file() and (run_dir / "checkpoints" / "step-4").is_dir()
+    with open(run_dir / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in logged] == [1, 2, 3, 4]
+    assert logged[1]["eval_reward"] and not logged[0]["eval_reward"]
+    assert "nft steps" in result.stderr  # tqdm progress
