@@ -218,7 +218,9 @@ class Pass:
         _sync(self.v.device)
 
 
-AGREEMENT_TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=2e-2, atol=1e-3)}
+# relative to the largest gradient element (gradients of a mean over B*N elements are tiny): bf16 gradients are
+# rounded from fp32 by both implementations and may differ by one unit in the last place
+AGREEMENT_TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-5), "bf16": dict(rtol=1e-2, atol=1e-2)}
 
 
 def check_agreement(case: Case, device: torch.device):
@@ -233,8 +235,9 @@ def check_agreement(case: Case, device: torch.device):
         outputs.append((loss.detach().float(), v.grad.float()))
         v.grad = None
     (loss, grad), (want_loss, want_grad) = outputs
-    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, **AGREEMENT_TOLERANCE[case.dtype])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=0.0)
+    scale = want_grad.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(grad / scale, want_grad / scale, **AGREEMENT_TOLERANCE[case.dtype])
 
 
 def _sync(device: torch.device):
@@ -299,7 +302,8 @@ def profile_launches(fn: Pass):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    device_events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+    device_events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA
+                     and not (hasattr(e, "is_user_annotation") and e.is_user_annotation())]  # ranges, not launches
     names = [e.name() for e in sorted(device_events, key=lambda e: e.start_ns())]
     memsets = [n for n in names if n.startswith("Memset")]
     kernels = [n for n in names if not n.startswith(("Memset", "Memcpy"))]
