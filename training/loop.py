@@ -225,7 +225,8 @@ class Trainer:
         cond = self._encode(prompts)
         uncond = self._encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
         with torch.no_grad(), self.model.use_adapter(policy), self.accelerator.autocast():
-            velocity = policy_velocity(self.model, cond, cfg.guidance_scale, uncond, cfg.rescale_to_reference)
+            velocity = policy_velocity(self.model, cond, cfg.guidance_scale, uncond, cfg.rescale_to_reference,
+                                       forward=self.ddp_model)
             return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise,
                           progress=None if bar is None else (lambda: bar.update(len(prompts))))
 
@@ -363,7 +364,10 @@ class Trainer:
                     acc.backward(loss)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                        if torch.isfinite(grad_norm):
+                        if grad_norm is None:  # DeepSpeed clips (and skips overflowing steps) itself
+                            self.optimizer.step()
+                            sums["updates"] += 1
+                        elif torch.isfinite(grad_norm):
                             self.optimizer.step()
                             sums["grad_norm"] += float(grad_norm)
                             sums["updates"] += 1

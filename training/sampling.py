@@ -85,10 +85,12 @@ def rescale_to_norm(v: torch.Tensor, v_ref: torch.Tensor, phi: float = 1.0) -> t
 
 
 def policy_velocity(model, cond: dict, guidance_scale: float = 1.0, uncond: dict | None = None,
-                    rescale_to_reference: bool = False, rescale_phi: float = 1.0) -> VelocityFn:
+                    rescale_to_reference: bool = False, rescale_phi: float = 1.0, forward=None) -> VelocityFn:
     """v(x, sigma) of the model's policy in use: CFG v_u + w (v_c - v_u) when guidance_scale != 1 (needs
     uncond), and optionally the NormGuard paper's inference baseline: v rescaled to ||v_ref|| per sample,
-    blended with the unscaled v by rescale_phi (1 = fully rescaled; see `rescale_to_norm`)."""
+    blended with the unscaled v by rescale_phi (1 = fully rescaled; see `rescale_to_norm`).
+    `forward(x, sigma, cond)` defaults to model.velocity; the training loop passes the DDP/FSDP-wrapped model."""
+    forward = model.velocity if forward is None else forward
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("guidance_scale != 1 needs the unconditional (negative prompt) conditioning")
     if not 0.0 <= rescale_phi <= 1.0:
@@ -96,8 +98,8 @@ def policy_velocity(model, cond: dict, guidance_scale: float = 1.0, uncond: dict
 
     def guided(x, sigma):
         if guidance_scale == 1.0:
-            return model.velocity(x, sigma, cond)
-        v_c, v_u = model.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, uncond)).chunk(2)
+            return forward(x, sigma, cond)
+        v_c, v_u = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat_cond(cond, uncond)).chunk(2)
         return v_u + guidance_scale * (v_c - v_u)
 
     if not rescale_to_reference:

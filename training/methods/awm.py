@@ -44,9 +44,9 @@ class AWM(Method):
         v = velocity(x_t, batch.sigma, cond)
         with torch.no_grad():
             with model.reference():
-                v_ref = model.velocity(x_t, batch.sigma, cond)
+                v_ref = velocity(x_t, batch.sigma, cond)
             with model.use_adapter(EMA):
-                v_ema = model.velocity(x_t, batch.sigma, cond)
+                v_ema = velocity(x_t, batch.sigma, cond)
         logp = self.log_prob(v, batch)
         logp_old = logp.detach() if batch.logp_old is None else batch.logp_old.to(logp.dtype)
         ratio = torch.exp(logp - logp_old)

@@ -95,8 +95,9 @@ class Method:
         return [Item((i,), float(a)) for i, a in enumerate(advantages.tolist())]
 
     def loss(self, batch: TrainBatch, velocity: VelocityFn, model: FlowModel) -> LossOutput:
-        """`velocity` is the trained policy with gradient (the DDP-wrapped model); `model` gives the no-grad
-        reference / old / EMA velocities at the same (x_t, sigma, cond)."""
+        """`velocity` is the (DDP/FSDP-wrapped) model's forward: the trained policy, with gradient; inside
+        `model.reference()` / `model.use_adapter(...)` and no_grad the same call gives the reference / old / EMA
+        velocities at the same (x_t, sigma, cond). Every forward goes through the wrapper (FSDP needs it)."""
         raise NotImplementedError
 
     def after_step(self, model: FlowModel, step: int) -> None:

@@ -53,10 +53,10 @@ class FlowDPO(Method):
         v = velocity(x_t, batch.sigma, cond)
         with torch.no_grad():
             with model.reference():
-                v_ref = model.velocity(x_t, batch.sigma, cond)
+                v_ref = velocity(x_t, batch.sigma, cond)
             if self.refreshed:
                 with model.use_adapter(REF):
-                    v_dpo_ref = model.velocity(x_t, batch.sigma, cond)
+                    v_dpo_ref = velocity(x_t, batch.sigma, cond)
             else:
                 v_dpo_ref = v_ref
             ref_err = ngkernels.flow_matching_loss(v_dpo_ref, u, reduction="none")

@@ -38,9 +38,9 @@ class NFT(Method):
         v = velocity(x_t, batch.sigma, cond)
         with torch.no_grad():
             with model.use_adapter(OLD):
-                v_old = model.velocity(x_t, batch.sigma, cond)
+                v_old = velocity(x_t, batch.sigma, cond)
             with model.reference():
-                v_ref = model.velocity(x_t, batch.sigma, cond)
+                v_ref = velocity(x_t, batch.sigma, cond)
         r = clipped_advantages(batch.advantages, c.adv_clip_max) / 2 + 0.5
         v_pos = c.beta * v + (1 - c.beta) * v_old
         v_neg = (1 + c.beta) * v_old - c.beta * v
