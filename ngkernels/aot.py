@@ -393,7 +393,9 @@ extern const ng_aot_kernel ng_aot_kernels[NG_NUM_KERNELS];
     entries = []
     for i, (spec, res) in enumerate(zip(specs, results)):
         sym = f"ng_cubin_{spec.name}"
-        blobs[spec.arch].append(f"const unsigned char {sym}[{len(res['cubin']) + 1}] =\n{_c_bytes(res['cubin'])};\n")
+        # aligned like a cubin file in memory: the loader reads the ELF's 64-bit fields in place
+        blobs[spec.arch].append(f"__attribute__((aligned(64))) const unsigned char {sym}[{len(res['cubin']) + 1}] ="
+                                f"\n{_c_bytes(res['cubin'])};\n")
         (out / "cubins" / f"{spec.name}.cubin").write_bytes(res["cubin"])
         entries.append(f'    {{"{spec.name}", "{res["entry"]}", {sym}, {len(res["cubin"])}, '
                        f'{0 if spec.kind == "fwd" else 1}, {spec.arch}, {DTYPES.index(spec.dtype)}, {spec.tile}, '

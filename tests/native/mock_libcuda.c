@@ -44,7 +44,8 @@ CUresult cuDeviceGetAttribute(int *value, CUdevice_attribute attribute, CUdevice
     return CUDA_SUCCESS;
 }
 CUresult cuModuleLoadData(CUmodule *module, const void *image) {
-    if (memcmp(image, "\x7f" "ELF", 4) != 0) return CUDA_ERROR_INVALID_IMAGE;
+    /* an ELF image, aligned for its 64-bit fields */
+    if (memcmp(image, "\x7f" "ELF", 4) != 0 || (uintptr_t)image % 8) return CUDA_ERROR_INVALID_IMAGE;
     ++g_module_loads;
     *module = (CUmodule)image;
     return CUDA_SUCCESS;
