@@ -437,6 +437,7 @@ class Trainer:
         started = time.time()
         if 0 not in state.eval_rewards:
             state.eval_rewards[0] = self.evaluate()
+            self.log({"eval_reward": state.eval_rewards[0]}, 0)  # the "before" point of the plot
         checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
         outer = tqdm(range(state.step + 1, cfg.train.steps + 1), desc=f"{cfg.method.name} steps",
                      disable=not self.progress, dynamic_ncols=True)
