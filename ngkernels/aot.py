@@ -51,7 +51,7 @@ KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel"}
 ARCHS = (80, 90)  # cc 8.x runs the sm_80 cubins, 9.0 the sm_90(a) ones
 DTYPES = ("fp32", "bf16", "fp16")  # C enum order: NG_FLOAT32, NG_BFLOAT16, NG_FLOAT16
 AOT_BLOCK_NS = (16, 128, 1024, ops._MAX_BLOCK_N)  # compiled BLOCK_N; ROWS = _TILE // BLOCK_N
-PROGRAMS_PER_SM = 4  # launch_config: "about 4 programs per SM" (programs = 4 * SMs)
+PROGRAMS_PER_SM = ops._PROGRAMS_PER_SM
 CPU_SMS = 2  # launch_config's SM count for non-CUDA devices
 BLOCK_B = 1024  # triton_forward: BLOCK_B = min(1024, next_power_of_2(B))
 DIVISIBILITY = 16  # the JIT's hint: pointers 16-byte aligned, integers multiples of 16

@@ -32,6 +32,8 @@ REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 _TILE = 4096  # elements per program per loop iteration (rows x columns)
 _MAX_BLOCK_N = 4096
 _MAX_SPLITS = 256
+_PROGRAMS_PER_SM = 4  # split long rows until about this many programs per SM run
+_CPU_SMS = 2  # the interpreter's stand-in, so CPU tests take the split path too
 
 
 @triton.jit
@@ -196,7 +198,7 @@ def launch_config(B: int, N: int, device: torch.device, splits: int | None = Non
     if forced > 0:
         want = forced
     else:
-        programs = 4 * (_multiprocessors(device.index or 0) if device.type == "cuda" else 2)
+        programs = _PROGRAMS_PER_SM * (_multiprocessors(device.index or 0) if device.type == "cuda" else _CPU_SMS)
         want = triton.cdiv(programs, n_row_blocks)
     chunk = triton.cdiv(triton.cdiv(N, max(1, min(want, max_splits))), block_n) * block_n
     n_splits = max(1, triton.cdiv(N, chunk))
