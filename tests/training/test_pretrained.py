@@ -208,3 +208,20 @@ def test_real_model_configs_load(name, kind, tmp_path):
     assert cfg.model.type == kind and cfg.model.free_text_encoders and cfg.model.dtype == "bfloat16"
     assert cfg.reward.name == "pickscore" and cfg.reward.kwargs == {"path": str(tmp_path / "pickscore")}
     assert cfg.sampling.guidance_scale == 1.0 and cfg.method.name == "nft" and cfg.normguard.ng_lambda > 0
+    # the trained LoRA loads back into a fresh diffusers pipeline for inference (peft's format)
+    from peft import PeftModel
+
+    from training.models.pretrained import load_pipeline
+
+    fresh = load_pipeline(kind, path)
+    transformer = PeftModel.from_pretrained(fresh.transformer, str(summary.trained_weights))
+    x = torch.randn(2, *trainer.model.latent_shape)
+    sigma = torch.tensor([0.3, 0.7])
+    cond = trainer.model.encode_prompts(["a red cat", "a blue dog"])
+    with torch.no_grad():
+        expected = trainer.model.velocity(x, sigma, cond)
+        got = trainer.model.predict_velocity(transformer, x, sigma, cond)
+        with trainer.model.reference():
+            reference = trainer.model.velocity(x, sigma, cond)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, reference)
