@@ -277,16 +277,17 @@ def test_quick_study_writes_tables_data_and_plots(quick_study):
 
     out, settings, md_path = quick_study
     md = md_path.read_text()
-    for section in ("## Reward, norm inflation, quality", "## Early-stopping control", "## Few-step sampling",
+    for section in ("## NormGuard on minus off", "## Reward, norm inflation, quality", "## Few-step sampling",
                     "## Inference-time renormalisation baseline", "## Adjoint sensitivity", "## Timing"):
         assert section in md
     for method in METHODS:
-        assert f"| {method} NG-off |" in md and f"| {method} NG-on |" in md
+        assert f"| {method} NG-off s0 |" in md and f"| {method} NG-on s0 |" in md
     from training.analysis.io import read_rows
 
     rows = read_rows(out / "study.csv")
-    runs = {(r["method"], r["normguard"], r["checkpoint"]) for r in rows}
-    assert {("reference", None, "reference")} | {(m, ng, "final") for m in METHODS for ng in ("off", "on")} <= runs
+    runs = {(r["method"], r["normguard"], r["seed"], r["checkpoint"]) for r in rows}
+    assert {("reference", None, None, "reference")} | {(m, ng, 0.0, "final") for m in METHODS
+                                                       for ng in ("off", "on")} <= runs
     conditions = {(r["sampling"], r["num_steps"], r["phi"]) for r in rows}
     assert conditions == {("plain", 2.0, 0.0), ("plain", 4.0, 0.0), ("renorm", 4.0, 1.0)}
     assert all(math.isfinite(r[k]) for r in rows for k in ("reward_mean", "norm_inflation_pct", "fd", "attribute_acc"))
@@ -305,7 +306,7 @@ def test_norm_ratio_over_training_reads_the_trainer_logs(quick_study, tmp_path):
     from training.analysis.norms import norm_ratio_over_training
 
     out, settings, _ = quick_study
-    curves = norm_ratio_over_training(out / "runs" / "nft_ng-on", tmp_path / "ratio.png")
+    curves = norm_ratio_over_training(out / "runs" / "nft_ng-on_seed-0", tmp_path / "ratio.png")
     (rows,) = curves.values()
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0.5 < r["norm_ratio"] < 2.0 for r in rows)

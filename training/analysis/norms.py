@@ -84,10 +84,10 @@ def norm_ratio_over_training(run_dirs, out_png: str | Path | None = None, title:
         path = Path(run_dir) / "metrics.csv"
         if not path.is_file():
             raise ValueError(f"{run_dir}: no metrics.csv (is it a training run directory?)")
-        rows = read_metrics(path)
+        rows = [r for r in read_metrics(path) if r["step"] >= 1]  # step 0 is the trainer's "before" evaluation
         keys = [k for k in (rows[0] if rows else {}) if k.startswith("norm_ratio")]
         if not keys:
-            raise ValueError(f"{path}: no norm_ratio columns")
+            raise ValueError(f"{path}: no training steps with norm_ratio columns")
         curves[label] = [{"step": int(r["step"]), **{k: r[k] for k in keys}} for r in rows]
     if out_png is not None:
         plt = pyplot()

@@ -1,22 +1,22 @@
 """The NormGuard study on the embedded toy, in one command:
 
-    python -m training.analysis.study [--quick] [--out DIR] [--workers N] [key=value ...]
+    python -m training.analysis.study [--quick] [--out DIR] [--workers N] [--seeds 0,1] [key=value ...]
 
-1. Trains the grid {nft, awm, dpo} x {NormGuard off, on} from training/configs/toy.yaml (same seeds, same
-   budget; "off" is normguard.ng_lambda=0, "on" the config's NormGuard settings as they are), keeping a
-   checkpoint every step.
-2. Early-stopping control, per method: of the two runs, the one that ends with the higher logged rollout
-   reward is taken at its first checkpoint whose reward (trailing mean over `--match-window` steps) reaches
-   the other run's final reward, so the two are compared at matched reward.
-3. Evaluates the reference, every final checkpoint and every matched checkpoint with the same instruments
-   and the same evaluation noise: reward, norm inflation along the policy's own trajectory, the reward-free
-   quality proxy (Frechet distance to the toy's data in a toy-trained CNN's features, attribute accuracy),
-   few-step sampling, the renormalisation baseline, and the adjoint sensitivity's batch coherence.
+1. Trains the grid {nft, awm, dpo} x {NormGuard off, on} x seeds from training/configs/toy.yaml (per seed the
+   same seed and budget for all; "off" is normguard.ng_lambda=0, "on" the config's NormGuard settings as they
+   are), with a checkpoint and the trainer's evaluation (fixed noise) at every step.
+2. Early-stopping control, per method and seed: of the two runs, the one that ends with the higher evaluation
+   reward (trailing mean over `match_window` steps) is taken at its first checkpoint that reaches the other
+   run's final value, so the two are also compared at matched reward.
+3. Evaluates the reference, every final checkpoint and every matched checkpoint with the same instruments and
+   the same evaluation noise: reward, norm inflation along the policy's own trajectory, the reward-free quality
+   proxy (Frechet distance to the toy's data in a toy-trained CNN's features, attribute accuracy), few-step
+   sampling, the renormalisation baseline, and the adjoint sensitivity's batch coherence.
 4. Writes study.md (tables), study.csv and friends, and plots into --out.
 
-The toy is not tuned for any outcome: the study uses the embedded default's config and reports what it
-measures. Runs and evaluations are spread over `--workers` processes (the toy trains single-threaded, so
-2 workers use 2 cores).
+The toy is not tuned for any outcome: the study uses the embedded default's config (with the study's training
+budget, STUDY_OVERRIDES) and reports what it measures. Runs and evaluations are spread over `--workers`
+processes (the toy trains single-threaded, so 2 workers use 2 cores).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from training.analysis.quality import FeatureNetSpec, ToyQuality, frechet_distan
 
 METHODS = ("nft", "awm", "dpo")
 NG_STATES = ("off", "on")
-REFERENCE = ("reference", "", "reference")  # the evaluation key of the untrained reference policy
+REFERENCE = ("reference", "", "", "reference")  # evaluation key (method, ng, seed, checkpoint) of the reference
 
 # --quick: a tiny toy and a tiny budget, for the tests and a first look (minutes, not a result)
 QUICK_OVERRIDES = [
@@ -51,9 +51,14 @@ QUICK_OVERRIDES = [
 ]
 
 
+# The study's training budget, fixed before any study result was seen: the embedded demo's 30 steps stop while
+# its reward is still climbing, and 100 steps x 6 runs fit the 30-minute / 2-core budget with room to spare.
+STUDY_OVERRIDES = ["train.steps=100"]
+
+
 @dataclass
 class StudySettings:
-    overrides: list[str] = field(default_factory=list)  # on top of training/configs/toy.yaml
+    overrides: list[str] = field(default_factory=lambda: list(STUDY_OVERRIDES))  # on top of configs/toy.yaml
     samples_per_prompt: int = 16  # evaluation images per toy caption (16 captions)
     adjoint_samples_per_prompt: int = 4
     few_steps: tuple[int, ...] = (2, 4, 8)
@@ -61,20 +66,22 @@ class StudySettings:
     feature_steps: int = 300  # feature-net training steps
     num_reference: int = 2048  # data images for the Frechet distance's reference statistics
     match_window: int = 3
+    seeds: tuple[int, ...] = (0, 1)
     workers: int = 2
     eval_seed: int = 1000
 
     @classmethod
     def quick(cls) -> "StudySettings":
         return cls(overrides=list(QUICK_OVERRIDES), samples_per_prompt=2, adjoint_samples_per_prompt=1,
-                   few_steps=(2,), rescale_phis=(1.0,), feature_steps=40, num_reference=256)
+                   few_steps=(2,), rescale_phis=(1.0,), feature_steps=40, num_reference=256, seeds=(0,))
 
 
 # ------------------------------------------------------------------------------------------------------
 # configs
 
-def run_configs(base_overrides: list[str], out_dir: Path) -> dict[tuple[str, str], "object"]:
-    """(method, "off"/"on") -> Config. Same seed and budget for all; checkpoints every step for the matching."""
+def run_configs(base_overrides: list[str], out_dir: Path, seeds: tuple[int, ...]) -> dict:
+    """(method, "off"/"on", seed) -> Config. Per seed the same seed and budget for all; a checkpoint and the
+    trainer's evaluation (fixed noise, the policy's own samples) every step, for the matched-reward control."""
     from training.config import load_config
 
     base = load_config(None, base_overrides)
@@ -82,16 +89,20 @@ def run_configs(base_overrides: list[str], out_dir: Path) -> dict[tuple[str, str
         raise ValueError("the study runs on the embedded toy (model.type=toy)")
     if base.normguard.ng_lambda <= 0:
         raise ValueError("the base config must have NormGuard on (normguard.ng_lambda > 0); 'off' sets it to 0")
+    if not seeds:
+        raise ValueError("need at least one seed")
     steps = base.train.steps
     cfgs = {}
-    for method in METHODS:
-        for ng in NG_STATES:
-            overrides = [*base_overrides, f"method.name={method}", f"log.output_dir={out_dir / 'runs'}",
-                         f"log.run_name={method}_ng-{ng}", "log.checkpoint_every=1", f"log.keep_checkpoints={steps}",
-                         "log.progress=false", "log.tensorboard=false", "eval.every=0"]
-            if ng == "off":
-                overrides.append("normguard.ng_lambda=0")
-            cfgs[(method, ng)] = load_config(None, overrides)
+    for seed in seeds:
+        for method in METHODS:
+            for ng in NG_STATES:
+                overrides = [*base_overrides, f"method.name={method}", f"train.seed={seed}",
+                             f"log.output_dir={out_dir / 'runs'}", f"log.run_name={method}_ng-{ng}_seed-{seed}",
+                             "log.checkpoint_every=1", f"log.keep_checkpoints={steps}", "log.progress=false",
+                             "log.tensorboard=false", "eval.every=1"]
+                if ng == "off":
+                    overrides.append("normguard.ng_lambda=0")
+                cfgs[(method, ng, seed)] = load_config(None, overrides)
     return cfgs
 
 
@@ -167,6 +178,15 @@ def match_checkpoint(rewards_a: list[float], rewards_b: list[float], window: int
     return {"matched_run": higher, "step": step, "target_reward": target, "matched_reward": curve[step - 1]}
 
 
+def eval_reward_curve(metrics: list[dict]) -> list[float]:
+    """The trainer's per-step evaluation reward (steps 1..N; its step-0 row is the reference's)."""
+    rows = sorted((r for r in metrics if r["step"] >= 1), key=lambda r: r["step"])
+    curve = [r["eval_reward"] for r in rows]
+    if not curve or any(math.isnan(x) for x in curve):
+        raise ValueError("the study needs the trainer's evaluation at every step (eval.every=1)")
+    return curve
+
+
 # ------------------------------------------------------------------------------------------------------
 # the study
 
@@ -178,7 +198,7 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cfgs = run_configs(settings.overrides, out_dir)
+    cfgs = run_configs(settings.overrides, out_dir, settings.seeds)
     any_cfg = next(iter(cfgs.values()))
     toy = any_cfg.model.toy
     # the shared caches first, in this process, so the workers only load them
@@ -200,26 +220,27 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
         jobs = {pool.submit(_train_job, cfg.to_dict()): ("train", key) for key, cfg in cfgs.items()}
         jobs[pool.submit(_eval_job, any_cfg.to_dict(), None, "reference", *eval_args)] = ("eval", REFERENCE)
         _drain(jobs, train_info, evals, "train grid", progress)
-        t_train = time.time() - started
+        train_seconds = time.time() - started - prep_seconds
 
         logged = {key: read_metrics(Path(info["run_dir"]) / "metrics.csv") for key, info in train_info.items()}
         matches = {}
-        for method in METHODS:
-            off, on = [r["reward_mean"] for r in logged[(method, "off")]], [r["reward_mean"] for r in logged[(method, "on")]]
-            m = match_checkpoint(off, on, settings.match_window)
-            m["matched_run"] = "off" if m["matched_run"] == "a" else "on"
-            matches[method] = m
+        for seed in settings.seeds:
+            for method in METHODS:
+                m = match_checkpoint(eval_reward_curve(logged[(method, "off", seed)]),
+                                     eval_reward_curve(logged[(method, "on", seed)]), settings.match_window)
+                m["matched_run"] = "off" if m["matched_run"] == "a" else "on"
+                matches[(method, seed)] = m
         jobs = {}
-        for key, cfg in cfgs.items():
-            final = Path(train_info[key]["run_dir"]) / "checkpoints" / f"step-{cfg.train.steps}"
-            jobs[pool.submit(_eval_job, cfg.to_dict(), str(final), f"{key[0]}/{key[1]}", *eval_args)] = \
-                ("eval", (*key, "final"))
-        for method, m in matches.items():
-            key = (method, m["matched_run"])
-            if m["step"] < cfgs[key].train.steps:
-                ckpt = Path(train_info[key]["run_dir"]) / "checkpoints" / f"step-{m['step']}"
-                jobs[pool.submit(_eval_job, cfgs[key].to_dict(), str(ckpt), f"{method}/{key[1]}@{m['step']}",
-                                 *eval_args)] = ("eval", (*key, "matched"))
+        for (method, ng, seed), cfg in cfgs.items():
+            final = Path(train_info[(method, ng, seed)]["run_dir"]) / "checkpoints" / f"step-{cfg.train.steps}"
+            key = (method, ng, seed, "final")
+            jobs[pool.submit(_eval_job, cfg.to_dict(), str(final), label(*key), *eval_args)] = ("eval", key)
+        for (method, seed), m in matches.items():
+            run = (method, m["matched_run"], seed)
+            if m["step"] < cfgs[run].train.steps:
+                ckpt = Path(train_info[run]["run_dir"]) / "checkpoints" / f"step-{m['step']}"
+                key = (*run, "matched")
+                jobs[pool.submit(_eval_job, cfgs[run].to_dict(), str(ckpt), label(*key), *eval_args)] = ("eval", key)
         _drain(jobs, train_info, evals, "evaluate", progress)
 
     floor_quality = ToyQuality(toy.image_size, toy.cache_dir, spec=spec, num_reference=settings.num_reference,
@@ -227,12 +248,12 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
     n_eval = len(eval_settings["prompts"]) * settings.samples_per_prompt
     fd_floor = frechet_distance(floor_quality.data_features(n_eval, seed=settings.eval_seed),
                                 floor_quality.reference_features)
-    seconds = time.time() - started
-    meta = {"command": command, "date": datetime.now(timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC"), "seconds": seconds, "prep_seconds": prep_seconds, "train_seconds": t_train,
-        "workers": settings.workers, "cpu_count": os.cpu_count(), "num_eval_images": n_eval, "fd_floor": fd_floor,
-        "train_steps": any_cfg.train.steps, "num_steps": num_steps, "ng": _ng_description(cfgs[("nft", "on")]),
-        "match_window": settings.match_window, "overrides": settings.overrides}
+    meta = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": time.time() - started, "prep_seconds": prep_seconds, "train_seconds": train_seconds,
+            "workers": settings.workers, "cpu_count": os.cpu_count(), "num_eval_images": n_eval, "fd_floor": fd_floor,
+            "train_steps": any_cfg.train.steps, "num_steps": num_steps, "seeds": list(settings.seeds),
+            "ng": _ng_description(cfgs[("nft", "on", settings.seeds[0])]), "match_window": settings.match_window,
+            "overrides": settings.overrides}
     return write_report(out_dir, cfgs, train_info, logged, matches, evals, meta)
 
 
@@ -264,49 +285,52 @@ def _drain(jobs: dict, train_info: dict, evals: dict, desc: str, progress: bool)
 # ------------------------------------------------------------------------------------------------------
 # report
 
-def _label(method, ng, which):
-    return "reference" if method == "reference" else f"{method} NG-{ng}" + ("" if which == "final" else " (matched)")
+def label(method, ng, seed, which) -> str:
+    if method == "reference":
+        return "reference"
+    return f"{method} NG-{ng} s{seed}" + ("" if which == "final" else " (matched)")
+
+
+def _eval_order(evals, seeds):
+    keys = [REFERENCE] + [(m, ng, s, w) for m in METHODS for s in seeds for ng in NG_STATES
+                          for w in ("final", "matched")]
+    return [k for k in keys if k in evals]
 
 
 def write_report(out_dir: Path, cfgs, train_info, logged, matches, evals, meta) -> Path:
-    steps_full = meta["num_steps"]
     rows, ratio_rows_all, adjoint_rows = [], [], []
-    order = [REFERENCE] + [(m, ng, w) for m in METHODS for ng in NG_STATES for w in ("final", "matched")]
-    for key in order:
-        if key not in evals:
-            continue
-        method, ng, which = key
+    for key in _eval_order(evals, meta["seeds"]):
+        method, ng, seed, which = key
         ev = evals[key]
-        step = 0 if method == "reference" else (cfgs[(method, ng)].train.steps if which == "final"
-                                                else matches[method]["step"])
-        logged_reward = logged_ratio = math.nan
+        step = 0 if method == "reference" else (cfgs[(method, ng, seed)].train.steps if which == "final"
+                                                else matches[(method, seed)]["step"])
+        ident = {"method": method, "normguard": ng, "seed": seed, "checkpoint": which, "step": step}
+        extra = {}
         if method != "reference":
-            log = logged[(method, ng)][step - 1]
-            logged_reward = trailing_mean([r["reward_mean"] for r in logged[(method, ng)]], meta["match_window"])[step - 1]
-            logged_ratio = log["norm_ratio"]
-        ident = {"method": method, "normguard": ng, "checkpoint": which, "step": step}
-        for r in ev["rows"]:
-            rows.append({**ident, **r, "train_reward_logged": logged_reward, "train_norm_ratio_logged": logged_ratio})
+            log = {int(r["step"]): r for r in logged[(method, ng, seed)]}[step]
+            curve = eval_reward_curve(logged[(method, ng, seed)])
+            extra = {"train_eval_reward_trailing": trailing_mean(curve, meta["match_window"])[step - 1],
+                     "train_norm_ratio_logged": log["norm_ratio"]}
+        rows += [{**ident, **r, **extra} for r in ev["rows"]]
         ratio_rows_all += [{**ident, **r} for r in ev["ratio_by_step"]]
         adjoint_rows += [{**ident, **r} for r in ev["adjoint"]]
     write_csv(rows, out_dir / "study.csv")
     write_csv(ratio_rows_all, out_dir / "norm_ratio_by_timestep.csv")
     if adjoint_rows:
         write_csv(adjoint_rows, out_dir / "adjoint_coherence.csv")
-    training_rows = [{"method": m, "normguard": ng, **r} for (m, ng), log in logged.items() for r in log]
-    write_csv(training_rows, out_dir / "training_curves.csv")
-    write_csv([{"method": m, **v} for m, v in matches.items()], out_dir / "early_stopping_match.csv")
-    _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info)
-    md = _markdown(rows, adjoint_rows, evals, matches, train_info, meta, steps_full)
+    write_csv([{"method": m, "normguard": ng, "seed": s, **r} for (m, ng, s), log in logged.items() for r in log],
+              out_dir / "training_curves.csv")
+    write_csv([{"method": m, "seed": s, **v} for (m, s), v in matches.items()], out_dir / "early_stopping_match.csv")
+    _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info, meta)
     path = out_dir / "study.md"
-    path.write_text(md)
+    path.write_text(_markdown(rows, evals, matches, train_info, meta))
     return path
 
 
-def _find(rows, method, ng, which, sampling="plain", num_steps=None, phi=0.0):
+def _find(rows, key, sampling="plain", num_steps=None, phi=0.0):
     for r in rows:
-        if (r["method"], r["normguard"], r["checkpoint"], r["sampling"], r["phi"]) == (method, ng, which, sampling, phi) \
-                and (num_steps is None or r["num_steps"] == num_steps):
+        if (r["method"], r["normguard"], r["seed"], r["checkpoint"]) == tuple(key) and r["sampling"] == sampling \
+                and r["phi"] == phi and (num_steps is None or r["num_steps"] == num_steps):
             return r
     return None
 
@@ -315,47 +339,79 @@ def _f(x, fmt="{:.4f}"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
-def _markdown(rows, adjoint_rows, evals, matches, train_info, meta, K) -> str:
-    n = meta["num_eval_images"]
-    out = [f"# NormGuard study on the embedded toy", "",
+def _run_keys(rows):
+    return list(dict.fromkeys((r["method"], r["normguard"], r["seed"], r["checkpoint"]) for r in rows))
+
+
+def _paired_rows(rows, matches, meta) -> list[dict]:
+    """Per method and seed: NormGuard on minus off at the end of training, and at matched reward."""
+    K, out = meta["num_steps"], []
+    for (method, seed), m in matches.items():
+        off, on = _find(rows, (method, "off", seed, "final"), num_steps=K), _find(rows, (method, "on", seed, "final"),
+                                                                                 num_steps=K)
+        matched = _find(rows, (method, m["matched_run"], seed, "matched"), num_steps=K)
+        if matched is not None:  # the higher run taken at the lower run's final reward
+            off_m, on_m = (matched, on) if m["matched_run"] == "off" else (off, matched)
+        else:
+            off_m, on_m = off, on
+        row = {"method": method, "seed": seed}
+        for name, (a, b) in {"final": (on, off), "matched": (on_m, off_m)}.items():
+            row[f"{name}_d_reward"] = b and a and a["reward_mean"] - b["reward_mean"]
+            row[f"{name}_d_inflation_pp"] = b and a and a["norm_inflation_pct"] - b["norm_inflation_pct"]
+            row[f"{name}_d_fd"] = b and a and a["fd"] - b["fd"]
+            row[f"{name}_d_attribute_acc"] = b and a and a["attribute_acc"] - b["attribute_acc"]
+        row["matched_step"] = m["step"]
+        row["matched_run"] = m["matched_run"]
+        out.append(row)
+    return out
+
+
+def _markdown(rows, evals, matches, train_info, meta) -> str:
+    K, n = meta["num_steps"], meta["num_eval_images"]
+    train_wall = meta["train_seconds"] / 60
+    out = ["# NormGuard study on the embedded toy", "",
            f"- command: `{meta['command']}`", f"- date: {meta['date']}",
            f"- device: CPU, {meta['cpu_count']} cores, {meta['workers']} worker processes; wall time "
-           f"{meta['seconds'] / 60:.1f} min (caches {meta['prep_seconds']:.0f} s, training grid "
-           f"{(meta['train_seconds'] - meta['prep_seconds']) / 60:.1f} min)",
-           f"- grid: {{nft, awm, dpo}} x NormGuard {{off (lambda=0), on ({meta['ng']})}}, {meta['train_steps']} RL "
-           f"steps each, same seeds; config training/configs/toy.yaml" +
-           (f" with {' '.join(meta['overrides'])}" if meta["overrides"] else ""),
-           f"- evaluation: {n} images (fixed noise, ODE, {K} steps unless stated), reward = the training reward; "
-           f"norm inflation = mean over images and steps of ||v_theta||/||v_ref|| - 1 along the policy's own "
-           f"trajectory; FD = Frechet distance to the toy's data in a toy-trained CNN's features (reward-free; "
-           f"two independent data sets of {n} images score {meta['fd_floor']:.2f}); attr acc = fraction of images "
-           f"whose colour, shape and side the CNN reads as the caption says.", ""]
-    out += ["## Reward, norm inflation, quality (end of training)", "",
-            "| run | step | eval reward (± s.e.) | norm inflation % (sampling) | logged train ratio | FD to data | attr acc |",
-            "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["sampling"] == "plain" and r["num_steps"] == K:
-            se = r["reward_std"] / math.sqrt(n)
-            ratio = r["train_norm_ratio_logged"]
-            out.append(f"| {_label(r['method'], r['normguard'], r['checkpoint'])} | {r['step']} | "
-                       f"{r['reward_mean']:.4f} ± {se:.4f} | {r['norm_inflation_pct']:+.2f} | "
-                       f"{_f(ratio)} | {r['fd']:.2f} | {r['attribute_acc']:.3f} |")
-    out += ["", "## Early-stopping control (matched reward)", "",
-            f"Per method, the run that ends with the higher logged rollout reward (trailing mean over "
-            f"{meta['match_window']} steps) is taken at its first checkpoint reaching the other run's final value.",
-            "", "| method | matched run | step | its logged reward | target (other run's final) |", "|---|---|---|---|---|"]
-    for m, v in matches.items():
-        out.append(f"| {m} | NG-{v['matched_run']} | {v['step']} | {v['matched_reward']:.4f} | {v['target_reward']:.4f} |")
-    out += ["", "The matched checkpoints' evaluation is in the table above (rows marked matched; none when the "
-            "match is the final step)."]
+           f"{meta['seconds'] / 60:.1f} min (caches {meta['prep_seconds']:.0f} s, training grid {train_wall:.1f} min, "
+           f"evaluations the rest)",
+           f"- grid: {{nft, awm, dpo}} x NormGuard {{off (lambda=0), on ({meta['ng']})}} x seeds "
+           f"{meta['seeds']}, {meta['train_steps']} RL steps each; config training/configs/toy.yaml"
+           + (f" with {' '.join(meta['overrides'])}" if meta["overrides"] else ""),
+           f"- evaluation: {n} images (fixed noise shared by all checkpoints, ODE, {K} steps unless stated); "
+           f"reward = the training reward; norm inflation = mean over images and steps of ||v_theta||/||v_ref|| - 1 "
+           f"along the policy's own trajectory; FD = Frechet distance to the toy's data in a toy-trained CNN's "
+           f"features (reward-free, lower is better; two independent data sets of {n} images score "
+           f"{meta['fd_floor']:.2f}); attr acc = fraction of images whose colour, shape and side the CNN reads as "
+           f"the caption says.", ""]
+    out += ["## NormGuard on minus off (paired by seed)", "",
+            f"End of training, and at matched reward (the run that ends higher is taken at its first checkpoint "
+            f"whose evaluation reward, trailing mean over {meta['match_window']} steps, reaches the other run's "
+            f"final value).", "",
+            "| method | seed | d reward | d inflation (pp) | d FD | d attr acc | matched: run@step | d reward | "
+            "d inflation (pp) | d FD | d attr acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in _paired_rows(rows, matches, meta):
+        out.append(f"| {r['method']} | {r['seed']} | {_f(r['final_d_reward'], '{:+.4f}')} | "
+                   f"{_f(r['final_d_inflation_pp'], '{:+.2f}')} | {_f(r['final_d_fd'], '{:+.2f}')} | "
+                   f"{_f(r['final_d_attribute_acc'], '{:+.3f}')} | NG-{r['matched_run']}@{r['matched_step']} | "
+                   f"{_f(r['matched_d_reward'], '{:+.4f}')} | {_f(r['matched_d_inflation_pp'], '{:+.2f}')} | "
+                   f"{_f(r['matched_d_fd'], '{:+.2f}')} | {_f(r['matched_d_attribute_acc'], '{:+.3f}')} |")
+    out += ["", "## Reward, norm inflation, quality", "",
+            "| run | step | eval reward (± s.e.) | norm inflation % (sampling) | logged train ratio | FD to data | "
+            "attr acc |", "|---|---|---|---|---|---|---|"]
+    for key in _run_keys(rows):
+        r = _find(rows, key, num_steps=K)
+        se = r["reward_std"] / math.sqrt(n)
+        out.append(f"| {label(*key)} | {r['step']} | {r['reward_mean']:.4f} ± {se:.4f} | "
+                   f"{r['norm_inflation_pct']:+.2f} | {_f(r.get('train_norm_ratio_logged'))} | {r['fd']:.2f} | "
+                   f"{r['attribute_acc']:.3f} |")
     steps = sorted({r["num_steps"] for r in rows if r["sampling"] == "plain"})
     out += ["", "## Few-step sampling (plain)", "",
             "| run | " + " | ".join(f"reward @{s}" for s in steps) + " | " +
             " | ".join(f"inflation % @{s}" for s in steps) + " | " + " | ".join(f"FD @{s}" for s in steps) + " |",
             "|---|" + "---|" * (3 * len(steps))]
     for key in _run_keys(rows):
-        cells = [_find(rows, *key, num_steps=s) for s in steps]
-        out.append(f"| {_label(*key)} | " + " | ".join(_f(c and c["reward_mean"]) for c in cells) + " | " +
+        cells = [_find(rows, key, num_steps=s) for s in steps]
+        out.append(f"| {label(*key)} | " + " | ".join(_f(c and c["reward_mean"]) for c in cells) + " | " +
                    " | ".join(_f(c and c["norm_inflation_pct"], "{:+.2f}") for c in cells) + " | " +
                    " | ".join(_f(c and c["fd"], "{:.2f}") for c in cells) + " |")
     phis = sorted({r["phi"] for r in rows if r["sampling"] == "renorm"})
@@ -364,130 +420,121 @@ def _markdown(rows, adjoint_rows, evals, matches, train_info, meta, K) -> str:
             "| run | reward plain | " + " | ".join(f"reward phi={p:g}" for p in phis) + " | FD plain | " +
             " | ".join(f"FD phi={p:g}" for p in phis) + " |", "|---|" + "---|" * (2 + 2 * len(phis))]
     for key in _run_keys(rows):
-        plain = _find(rows, *key, num_steps=K)
-        ren = [_find(rows, *key, sampling="renorm", phi=p) for p in phis]
-        out.append(f"| {_label(*key)} | {_f(plain and plain['reward_mean'])} | " +
-                   " | ".join(_f(c and c["reward_mean"]) for c in ren) + f" | {_f(plain and plain['fd'], '{:.2f}')} | " +
-                   " | ".join(_f(c and c["fd"], "{:.2f}") for c in ren) + " |")
-    if adjoint_rows:
+        plain = _find(rows, key, num_steps=K)
+        ren = [_find(rows, key, sampling="renorm", phi=p) for p in phis]
+        out.append(f"| {label(*key)} | {_f(plain and plain['reward_mean'])} | " +
+                   " | ".join(_f(c and c["reward_mean"]) for c in ren) + f" | {_f(plain and plain['fd'], '{:.2f}')} | "
+                   + " | ".join(_f(c and c["fd"], "{:.2f}") for c in ren) + " |")
+    reference_adjoint = evals[REFERENCE]["adjoint"]
+    if reference_adjoint:
         out += ["", "## Adjoint sensitivity: dR/d alpha_k, velocity at step k scaled by (1 + alpha_k)", "",
                 "Per step k (sigma = the step's noise level): batch mean / std of the per-image derivatives "
-                "(|.| >> 1: the batch agrees on the direction; ~0: no coherent first-order signal) and the "
-                "fraction of positive derivatives; 'all' scales every step at once (sum over k).", "",
-                "| run | " + " | ".join(f"k={r['step']} (sigma {r['sigma']:.2f})" for r in
-                                        [a for a in adjoint_rows if a['method'] == 'reference']) +
-                " | all: mean/std | all: frac > 0 |", "|---|" + "---|" * (K + 2)]
+                "(|.| >> 1: the batch agrees on the direction; ~0: no coherent first-order signal) and, in "
+                "brackets, the fraction of positive derivatives; 'all' scales every step at once (sum over k).", "",
+                "| run | " + " | ".join(f"k={a['step']} (sigma {a['sigma']:.2f})" for a in reference_adjoint) +
+                " | all: mean/std | all: frac > 0 |", "|---|" + "---|" * (len(reference_adjoint) + 2)]
         for key in _run_keys(rows):
-            ev = evals.get(key)
-            if ev is None or not ev["adjoint"]:
-                continue
+            ev = evals[key]
             cells = [f"{a['mean_over_std']:+.2f} ({a['frac_positive']:.2f})" for a in ev["adjoint"]]
             t = ev["adjoint_total"]
-            out.append(f"| {_label(*key)} | " + " | ".join(cells) +
+            out.append(f"| {label(*key)} | " + " | ".join(cells) +
                        f" | {t['total_mean_over_std']:+.2f} | {t['total_frac_positive']:.2f} |")
-        out += ["", "Cells: mean/std (fraction > 0)."]
-    out += ["", "## Timing", "", "| job | seconds |", "|---|---|"]
-    for key, info in train_info.items():
-        out.append(f"| train {key[0]} NG-{key[1]} | {info['seconds']:.1f} |")
+    out += ["", "## Timing (seconds per job, inside its worker process)", "", "| job | seconds |", "|---|---|"]
+    for (method, ng, seed), info in train_info.items():
+        out.append(f"| train {method} NG-{ng} s{seed} | {info['seconds']:.1f} |")
     for key, ev in evals.items():
-        out.append(f"| evaluate {_label(*key)} | {ev['seconds']:.1f} |")
+        out.append(f"| evaluate {label(*key)} | {ev['seconds']:.1f} |")
     out += ["", "Plots: norm_ratio_by_timestep.png, norm_ratio_over_training.png, reward_curves.png, few_step.png, "
             "adjoint_coherence.png. Data: study.csv, norm_ratio_by_timestep.csv, adjoint_coherence.csv, "
             "training_curves.csv, early_stopping_match.csv.", ""]
     return "\n".join(out)
 
 
-def _run_keys(rows):
-    seen = []
-    for r in rows:
-        key = (r["method"], r["normguard"], r["checkpoint"])
-        if key not in seen:
-            seen.append(key)
-    return seen
+def _style(key):
+    if key[0] == "reference":
+        return dict(color="black", ls="--")
+    return dict(color={"off": "tab:red", "on": "tab:blue"}[key[1]], ls={"nft": "-", "awm": "-.", "dpo": ":"}[key[0]])
 
 
-def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info):
+def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_info, meta):
     from training.analysis.norms import norm_ratio_over_training
 
     plt = pyplot()
+    seeds = meta["seeds"]
     colors = {"off": "tab:red", "on": "tab:blue"}
-    # 1. ratio by timestep, one panel per method
+    seed_alpha = {s: 1.0 - 0.45 * i / max(len(seeds) - 1, 1) for i, s in enumerate(seeds)}
+    finals = [k for k in _run_keys(rows) if k[3] == "final"]
+    # 1. ratio by timestep along the sampling trajectory, one panel per method
     fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.4), sharey=True)
     for ax, method in zip(axes, METHODS):
-        for ng in NG_STATES:
-            rr = [r for r in ratio_rows_all if (r["method"], r["normguard"], r["checkpoint"]) == (method, ng, "final")]
-            if rr:
-                ax.plot([r["sigma"] for r in rr], [r["ratio_mean"] for r in rr], "o-", color=colors[ng],
-                        label=f"NG-{ng}")
-                ax.fill_between([r["sigma"] for r in rr], [r["ratio_p10"] for r in rr], [r["ratio_p90"] for r in rr],
-                                color=colors[ng], alpha=0.15)
+        for key in (k for k in finals if k[0] == method):
+            rr = [r for r in ratio_rows_all if (r["method"], r["normguard"], r["seed"], r["checkpoint"]) == key]
+            sig = [r["sigma"] for r in rr]
+            ax.plot(sig, [r["ratio_mean"] for r in rr], "o-", color=colors[key[1]], alpha=seed_alpha[key[2]],
+                    label=f"NG-{key[1]} s{key[2]}")
+            ax.fill_between(sig, [r["ratio_p10"] for r in rr], [r["ratio_p90"] for r in rr], color=colors[key[1]],
+                            alpha=0.08)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.invert_xaxis()
         ax.set_title(method)
         ax.set_xlabel("sigma at the step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("||v_theta|| / ||v_ref|| (mean, 10-90 %)")
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "norm_ratio_by_timestep.png", dpi=110)
     plt.close(fig)
     # 2. the trainer's logged ratio over training
-    norm_ratio_over_training({f"{m} NG-{ng}": info["run_dir"] for (m, ng), info in sorted(train_info.items())},
+    norm_ratio_over_training({f"{m} NG-{ng} s{s}": info["run_dir"] for (m, ng, s), info in sorted(train_info.items())},
                              out_dir / "norm_ratio_over_training.png")
-    # 3. reward curves with the matched step
+    # 3. evaluation reward over training, with the matched step
     fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.4), sharey=True)
     for ax, method in zip(axes, METHODS):
-        for ng in NG_STATES:
-            log = logged[(method, ng)]
-            ax.plot([r["step"] for r in log], [r["reward_mean"] for r in log], color=colors[ng], lw=0.8, alpha=0.5)
-            ax.plot([r["step"] for r in log], trailing_mean([r["reward_mean"] for r in log], 3), color=colors[ng],
-                    label=f"NG-{ng}")
-        m = matches[method]
-        ax.axvline(m["step"], color=colors[m["matched_run"]], ls=":", label=f"matched step (NG-{m['matched_run']})")
-        ax.set_title(method)
+        for (m, ng, s), log in logged.items():
+            if m != method:
+                continue
+            curve = eval_reward_curve(log)
+            ax.plot(range(1, len(curve) + 1), trailing_mean(curve, meta["match_window"]), color=colors[ng],
+                    alpha=seed_alpha[s], label=f"NG-{ng} s{s}")
+        for (m, s), match in matches.items():
+            if m == method:
+                ax.axvline(match["step"], color=colors[match["matched_run"]], ls=":", alpha=seed_alpha[s])
+        ax.set_title(method + " (dotted: matched steps)")
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("rollout reward (trailing mean 3)")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel(f"eval reward (trailing mean {meta['match_window']})")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "reward_curves.png", dpi=110)
     plt.close(fig)
     # 4. few-step: reward and FD vs steps
-    fig, (ax_r, ax_q) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in _run_keys(rows):
-        if key[2] == "matched":
-            continue
-        pts = sorted((r["num_steps"], r["reward_mean"], r["fd"]) for r in rows
-                     if r["sampling"] == "plain" and (r["method"], r["normguard"], r["checkpoint"]) == key)
-        style = dict(color="black", ls="--") if key[0] == "reference" else dict(
-            color=colors[key[1]], ls="-" if key[0] == "nft" else ("-." if key[0] == "awm" else ":"))
-        ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=_label(*key), **style)
-        ax_q.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=_label(*key), **style)
+    fig, (ax_r, ax_q) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in [REFERENCE] + finals:
+        pts = sorted((r["num_steps"], r["reward_mean"], r["fd"]) for r in rows if r["sampling"] == "plain" and
+                     (r["method"], r["normguard"], r["seed"], r["checkpoint"]) == key)
+        for ax, i in ((ax_r, 1), (ax_q, 2)):
+            ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=label(*key), **_style(key))
     for ax, name in ((ax_r, "reward"), (ax_q, "FD to data (lower is better)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampler steps")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    ax_q.legend(fontsize=7)
+    ax_q.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out_dir / "few_step.png", dpi=110)
     plt.close(fig)
     # 5. adjoint coherence per step
     if adjoint_rows:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key in _run_keys(rows):
-            if key[2] == "matched":
-                continue
-            pts = [a for a in adjoint_rows if (a["method"], a["normguard"], a["checkpoint"]) == key]
-            style = dict(color="black", ls="--") if key[0] == "reference" else dict(
-                color=colors[key[1]], ls="-" if key[0] == "nft" else ("-." if key[0] == "awm" else ":"))
-            ax.plot([a["sigma"] for a in pts], [a["mean_over_std"] for a in pts], marker="o", label=_label(*key),
-                    **style)
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for key in [REFERENCE] + finals:
+            pts = [a for a in adjoint_rows if (a["method"], a["normguard"], a["seed"], a["checkpoint"]) == key]
+            ax.plot([a["sigma"] for a in pts], [a["mean_over_std"] for a in pts], marker="o", label=label(*key),
+                    **_style(key))
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.invert_xaxis()
         ax.set_xlabel("sigma at the step")
         ax.set_ylabel("mean / std of dR/d alpha_k over the batch")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out_dir / "adjoint_coherence.png", dpi=110)
@@ -504,12 +551,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/study", help="output directory (default: outputs/study)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="evaluation images per caption")
+    parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1; --quick: 0)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     settings = StudySettings.quick() if args.quick else StudySettings()
     settings = replace(settings, overrides=[*settings.overrides, *args.overrides], workers=args.workers)
     if args.samples_per_prompt is not None:
         settings = replace(settings, samples_per_prompt=args.samples_per_prompt)
+    if args.seeds is not None:
+        try:
+            settings = replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()))
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if settings.workers < 1:
         parser.error("--workers must be >= 1")
     try:
