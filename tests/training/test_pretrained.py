@@ -196,18 +196,6 @@ def test_one_training_step_with_a_clip_reward(kind, method, tmp_path, sd3_dir):
     assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["norm_ratio"]))
     assert math.isfinite(float(row["reward_mean"])) and float(row["skipped_updates"]) == 0
     assert summary.checkpoint.is_dir() and summary.trained_weights.is_dir()
-
-
-@pytest.mark.parametrize("name,kind", [("sd35m_nft_pickscore", "sd3"), ("flux_dev_nft_pickscore", "flux")])
-def test_real_model_configs_load(name, kind, tmp_path):
-    """The shipped SD3.5-M / FLUX.1-dev configs are valid once the local paths are given."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog\n")
-    cfg = load_config(name, [
-        f"model.path={tmp_path}", f"reward.kwargs.path={tmp_path / 'pickscore'}", f"rollout.prompt_file={prompts}"])
-    assert cfg.model.type == kind and cfg.model.free_text_encoders and cfg.model.dtype == "bfloat16"
-    assert cfg.reward.name == "pickscore" and cfg.reward.kwargs == {"path": str(tmp_path / "pickscore")}
-    assert cfg.sampling.guidance_scale == 1.0 and cfg.method.name == "nft" and cfg.normguard.ng_lambda > 0
     # the trained LoRA loads back into a fresh diffusers pipeline for inference (peft's format)
     from peft import PeftModel
 
@@ -225,3 +213,15 @@ def test_real_model_configs_load(name, kind, tmp_path):
             reference = trainer.model.velocity(x, sigma, cond)
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, reference)
+
+
+@pytest.mark.parametrize("name,kind", [("sd35m_nft_pickscore", "sd3"), ("flux_dev_nft_pickscore", "flux")])
+def test_real_model_configs_load(name, kind, tmp_path):
+    """The shipped SD3.5-M / FLUX.1-dev configs are valid once the local paths are given."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = load_config(name, [
+        f"model.path={tmp_path}", f"reward.kwargs.path={tmp_path / 'pickscore'}", f"rollout.prompt_file={prompts}"])
+    assert cfg.model.type == kind and cfg.model.free_text_encoders and cfg.model.dtype == "bfloat16"
+    assert cfg.reward.name == "pickscore" and cfg.reward.kwargs == {"path": str(tmp_path / "pickscore")}
+    assert cfg.sampling.guidance_scale == 1.0 and cfg.method.name == "nft" and cfg.normguard.ng_lambda > 0

@@ -29,7 +29,8 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B, (H/2)(W/2), 4C] -> [B, C, H, W]; the inverse of `pack_latents`."""
     b, _, d = tokens.shape
-    return tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, height, width)
+    patches = tokens.view(b, height // 2, width // 2, d // 4, 2, 2)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, height, width)
 
 
 def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:

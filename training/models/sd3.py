@@ -23,7 +23,8 @@ class SD3FlowModel(PipelineFlowModel):
 
     def predict_velocity(self, transformer, latents, sigma, cond):
         dtype = next(transformer.parameters()).dtype
-        return transformer(hidden_states=latents.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        return transformer(hidden_states=latents.to(dtype),
+                           encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                            pooled_projections=cond["pooled_projections"].to(dtype), timestep=sigma * 1000,
                            return_dict=False)[0].to(latents.dtype)
 
