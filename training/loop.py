@@ -437,7 +437,6 @@ class Trainer:
         started = time.time()
         if 0 not in state.eval_rewards:
             state.eval_rewards[0] = self.evaluate()
-            self.log({"eval_reward": state.eval_rewards[0]}, 0)  # the "before" point of the plot
         checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
         outer = tqdm(range(state.step + 1, cfg.train.steps + 1), desc=f"{cfg.method.name} steps",
                      disable=not self.progress, dynamic_ncols=True)
@@ -469,7 +468,8 @@ class Trainer:
             self.model.save_trained(str(weights))
             self.csv.finish()
             plot_run(self.csv_path, plot, title=f"{self.cfg.log.run_name}: {self.cfg.method.name}, "
-                                               f"ng_lambda={self.cfg.normguard.ng_lambda}")
+                                               f"ng_lambda={self.cfg.normguard.ng_lambda}",
+                     eval_before=state.eval_rewards.get(0))
         acc.end_training()
         acc.wait_for_everyone()
         last = max(state.eval_rewards)

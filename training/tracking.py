@@ -63,8 +63,9 @@ def read_csv(path: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_run(csv_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    """Reward (rollout mean and evaluation) and norm ratio ||v||/||v_ref|| (overall and per sigma bucket) vs step."""
+def plot_run(csv_path: str | Path, png_path: str | Path, title: str = "", eval_before: float | None = None) -> Path:
+    """Reward (rollout mean and evaluation, with the before-training evaluation at step 0) and norm ratio
+    ||v||/||v_ref|| (overall and per sigma bucket) vs step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +76,8 @@ def plot_run(csv_path: str | Path, png_path: str | Path, title: str = "") -> Pat
     fig, (ax_r, ax_n) = plt.subplots(1, 2, figsize=(11, 4))
     ax_r.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
     evals = [(r["step"], r["eval_reward"]) for r in rows if not math.isnan(r.get("eval_reward", math.nan))]
+    if eval_before is not None:
+        evals.insert(0, (0.0, eval_before))
     if evals:
         ax_r.plot(*zip(*evals), "o-", label="eval reward")
     ax_r.set_xlabel("step")

@@ -39,9 +39,8 @@ def test_each_method_runs_and_logs(toy_cfg, method):
     cfg = toy_cfg(f"method.name={method}", "log.tensorboard=true", "train.grad_accum=2", "train.batch_size=2")
     summary = Trainer(cfg).run()
     logged = rows(cfg.run_dir)
-    assert [r["step"] for r in logged] == [0, 1, 2]
-    assert logged[0]["eval_reward"] == pytest.approx(summary.reward_before) and math.isnan(logged[0]["loss"])
-    logged = logged[1:]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert logged[1]["eval_reward"] == pytest.approx(summary.reward_after)
     for r in logged:
         assert math.isfinite(r["loss"]) and r["skipped_updates"] == 0
         assert 0.5 < r["norm_ratio"] < 2.0
@@ -61,9 +60,8 @@ def test_resume_continues_exactly(toy_cfg):
     resumed = toy_cfg("train.steps=3", "log.run_name=part")
     Trainer(resumed, resume=True).run()
     a, b = rows(full.run_dir), rows(part.run_dir)
-    assert [r["step"] for r in b] == [0, 1, 2, 3]
-    assert a[0]["eval_reward"] == b[0]["eval_reward"]
-    for ra, rb in zip(a[1:], b[1:]):
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["reward_mean"] == rb["reward_mean"]
 
 
@@ -78,8 +76,8 @@ def test_a_crash_loses_only_the_steps_after_the_last_checkpoint(toy_cfg):
     before = rows(crashed.run_dir)
     Trainer(toy_cfg("train.steps=4", "log.checkpoint_every=2", "log.run_name=crash"), resume=True).run()
     after = rows(crashed.run_dir)
-    assert [r["step"] for r in after] == [0, 1, 2, 3, 4]
-    assert after[3]["loss"] == before[3]["loss"]
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert after[2]["loss"] == before[2]["loss"]
 
 
 def test_resume_refuses_a_changed_config(toy_cfg):
@@ -115,8 +113,8 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(toy_cfg, monkey
     monkeypatch.setattr(trainer, "rollout", rollout_spy)
     trainer.run()
     logged = rows(cfg.run_dir)
-    assert logged[1]["skipped_updates"] == 1 and logged[1]["nonfinite_losses"] == 1
-    assert logged[2]["skipped_updates"] == 0 and math.isfinite(logged[2]["loss"])
+    assert logged[0]["skipped_updates"] == 1 and logged[0]["nonfinite_losses"] == 1
+    assert logged[1]["skipped_updates"] == 0 and math.isfinite(logged[1]["loss"])
     assert all(torch.equal(weights[n], snapshots[1][n]) for n in weights)  # step 1 changed nothing
     assert any(not torch.equal(snapshots[1][n], p) for n, p in trainer.model.named_trainable_parameters())
 
@@ -135,9 +133,9 @@ def test_two_processes_match_one(toy_cfg, tmp_path, toy_cache, method):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("=== summary ===") == 1  # printed by the main process only
     one, two = rows(tmp_path / "runs" / "one"), rows(tmp_path / "runs" / "two")
-    assert len(one) == len(two) == 3
-    assert one[0]["eval_reward"] == pytest.approx(two[0]["eval_reward"], rel=1e-5)
-    for a, b in zip(one[1:], two[1:]):
+    assert len(one) == len(two) == 2
+    assert one[1]["eval_reward"] == pytest.approx(two[1]["eval_reward"], rel=1e-5)
+    for a, b in zip(one, two):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
@@ -155,6 +153,6 @@ def test_embedded_default_cli_with_a_short_schedule(tmp_path, toy_cache):
     assert (run_dir / "plot.png").is_file() and (run_dir / "checkpoints" / "step-4").is_dir()
     with open(run_dir / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in logged] == [0, 1, 2, 3, 4]
-    assert logged[0]["eval_reward"] and logged[2]["eval_reward"] and not logged[1]["eval_reward"]
+    assert [int(r["step"]) for r in logged] == [1, 2, 3, 4]
+    assert logged[1]["eval_reward"] and not logged[0]["eval_reward"]
     assert "nft steps" in result.stderr  # tqdm progress
