@@ -52,6 +52,7 @@ def _distinct(rows, key):
 
 
 def header(rows) -> list[str]:
+    op_rows = [r for r in rows if r["op"] != TRAIN_STEP]
     copy = sorted({f"{float(r['copy_gbps']):.1f}" for r in rows if r.get("copy_gbps")}, key=float)
     dims = sorted({(r["shape"], r["dims"]) for r in rows if r["op"] != TRAIN_STEP}, key=lambda s: _shape_key(
         {"shape": s[0]}))
@@ -60,7 +61,7 @@ def header(rows) -> list[str]:
         "",
         f"- torch {_distinct(rows, 'torch')}, triton {_distinct(rows, 'triton')}, "
         f"ngkernels {_distinct(rows, 'ngkernels')}, commit {_distinct(rows, 'git_commit')}",
-        f"- run (UTC): {_distinct(rows, 'date')}; timer: {_distinct(rows, 'timer')}; "
+        f"- run (UTC): {_distinct(rows, 'date')}; timer: {_distinct(op_rows, 'timer')}; "
         f"1-min load average at start: {_distinct(rows, 'load_avg')}; torch threads: {_distinct(rows, 'threads')}",
         f"- device-to-device copy (bytes read + written), measured in the run: {', '.join(copy) or '-'} GB/s",
         "- shapes: " + ", ".join(f"{s} [{d.replace('x', ',')}]" for s, d in dims),
@@ -150,10 +151,15 @@ def train_step_table(rows) -> list[str]:
     overheads = train_step_overhead(rows)
     if not overheads:
         return []
-    notes = sorted({r["notes"] for r in rows if r["op"] == TRAIN_STEP and r.get("notes")})
-    lines = ["## One training step, NormGuard off vs on, median ms", "",
+    notes = sorted({f"{r['impl']}: {r['notes']} (timer: {r['timer']})" for r in rows
+                    if r["op"] == TRAIN_STEP and r.get("notes")})
+    spread = {(r["shape"], r["dtype"], r["impl"]): f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}"
+              for r in rows if r["op"] == TRAIN_STEP}
+    lines = ["## One training step, NormGuard off vs on, median ms (p20-p80)", "",
              "| model | dtype | off | on | overhead |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {shape} | {dtype} | {_ms(off)} | {_ms(on)} | {100 * o:+.2f}% |" for shape, dtype, off, on, o in overheads]
+    lines += [f"| {shape} | {dtype} | {_ms(off)} ({spread[shape, dtype, 'normguard_off']}) | "
+              f"{_ms(on)} ({spread[shape, dtype, 'normguard_on']}) | {100 * o:+.2f}% |"
+              for shape, dtype, off, on, o in overheads]
     return lines + [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
 
 
@@ -218,6 +224,9 @@ def render_markdown(rows) -> str:
     lines += ["## Notes", "", f"- peak extra memory: {', '.join(methods) or '-'} (allocations of one full pass "
               "above what was allocated before it, the gradient included)"]
     lines += [f"- {n}" for n in notes]
+    if any((_num(r.get("bw_fraction")) or 0) > 1 for r in rows):
+        lines.append("- a bandwidth fraction above 100% means the case's data stayed in caches that the large copy "
+                     "(DRAM to DRAM) cannot use")
     return "\n".join(lines) + "\n"
 
 

@@ -8,14 +8,15 @@ import pytest
 
 from benchmarks import train_step
 
-ROUNDS = {"smoke": 3, "full": 30}  # alternated steps per setting
+ROUNDS = {"smoke": (2, 1), "full": (30, 3)}  # (alternated steps per setting, warm-up steps)
 
 
 def test_train_step_normguard_overhead(bench_device, bench_env, recorder, pytestconfig):
     reason = train_step.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    rows = train_step.measure(bench_device, bench_env, rounds=ROUNDS[pytestconfig.getoption("bench_shapes")])
+    rounds, warmup = ROUNDS[pytestconfig.getoption("bench_shapes")]
+    rows = train_step.measure(bench_device, bench_env, rounds=rounds, warmup=warmup)
     for row in rows:
         recorder.add(row)
     assert [r["impl"] for r in rows] == ["normguard_off", "normguard_on"]

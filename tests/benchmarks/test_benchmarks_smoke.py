@@ -59,7 +59,8 @@ def check_rows(rows, ops=None, impls=None):
 
 def test_pytest_benchmark_suite_smoke(tmp_path):
     out = run(["-m", "pytest", "benchmarks", "--benchmark-enable", "--bench-shapes=smoke", "--bench-device=cpu",
-               f"--bench-results={tmp_path}", "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,rounds"],
+               f"--bench-results={tmp_path}", "--bench-max-time=0.05", "--bench-threads=1", "-q", "-p", "no:cacheprovider",
+               "--benchmark-columns=median,rounds"],
               tmp_path)
     train_step_runs = train_step.unavailable_reason() is None
     assert f"{SMOKE_CASES + train_step_runs} passed" in out.stdout
@@ -72,7 +73,7 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
         steps = [r for r in rows if r["op"] == report.TRAIN_STEP]
         assert [r["impl"] for r in steps] == ["normguard_off", "normguard_on"]
         assert all(float(r["median_ms"]) > 0 for r in steps)
-        assert "## One training step, NormGuard off vs on" in markdown
+        assert "## One training step, NormGuard off vs on, median ms (p20-p80)" in markdown
     assert "## Full pass (forward + backward)" in markdown and "checked only in CUDA results" in markdown
     for op in harness.OPS:
         assert f"| {op} | tiny | bf16 |" in markdown and f"| {op} | tiny | fp32 |" in markdown
@@ -83,7 +84,7 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
 def test_plain_runner_writes_the_same_csv(tmp_path):
     """The fallback for machines without pytest-benchmark (the GPU image may lack it); compile left out for time."""
     run(["-m", "benchmarks.run", "--shapes", "smoke", "--device", "cpu", "--results", str(tmp_path),
-         "--ops", "fm_normguard", "--impls", "ngkernels", "eager", "--max-time", "0.05",
+         "--ops", "fm_normguard", "--impls", "ngkernels", "eager", "--max-time", "0.05", "--threads", "1",
          "--train-step-rounds", "0"], tmp_path)
     (csv_path,) = tmp_path.glob("*.csv")
     rows = read_csv(csv_path)
