@@ -34,9 +34,13 @@ def test_group_advantages_use_each_prompts_whole_group():
     assert torch.allclose(group_advantages(rewards[shuffled], prompt_ids[shuffled], "global"), glob[shuffled])
 
 
-@pytest.mark.parametrize("method", ["nft", "awm", "dpo"])
-def test_each_method_runs_and_logs(toy_cfg, method):
-    cfg = toy_cfg(f"method.name={method}", "log.tensorboard=true", "train.grad_accum=2", "train.batch_size=2")
+@pytest.mark.parametrize("method, extra", [
+    ("nft", ["log.tensorboard=true", "train.grad_accum=2", "train.batch_size=2"]),
+    ("awm", ["train.mixed_precision=bf16", "normguard.per_token=true", "train.inner_epochs=2"]),
+    ("dpo", ["method.dpo.ref_update_every=1", "sampling.sampler=sde", "sampling.guidance_scale=2.0"]),
+])
+def test_each_method_runs_and_logs(toy_cfg, method, extra):
+    cfg = toy_cfg(f"method.name={method}", *extra)
     summary = Trainer(cfg).run()
     logged = rows(cfg.run_dir)
     assert [r["step"] for r in logged] == [1, 2]
@@ -49,7 +53,7 @@ def test_each_method_runs_and_logs(toy_cfg, method):
     assert summary.plot.is_file() and summary.plot.stat().st_size > 1000
     assert (summary.checkpoint / "model.safetensors").is_file()
     assert (summary.trained_weights / "adapter_config.json").is_file()
-    assert list((cfg.run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert bool(list((cfg.run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == cfg.log.tensorboard
 
 
 def test_resume_continues_exactly(toy_cfg):
@@ -156,3 +160,32 @@ def test_embedded_default_cli_with_a_short_schedule(tmp_path, toy_cache):
     assert [int(r["step"]) for r in logged] == [1, 2, 3, 4]
     assert logged[1]["eval_reward"] and not logged[0]["eval_reward"]
     assert "nft steps" in result.stderr  # tqdm progress
+
+
+def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tmp_path, toy_cache):
+    """A real SIGKILL mid-run: the last complete checkpoint survives and --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.training.conftest import REPO
+
+    args = toy_overrides(tmp_path, toy_cache, "train.steps=40", "log.checkpoint_every=1", "log.run_name=killed")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step-3").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = latest_checkpoint(run_dir)
+    assert last is not None and int(last.name.split("-")[1]) >= 3
+    assert (last / "model.safetensors").is_file()
+    target = int(last.name.split("-")[1]) + 2
+    result = run_cli([*args, f"train.steps={target}", "--resume"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, target + 1))
