@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything issue 4 asks of a CUDA machine, in one call (or stage by stage when a call has a time limit):
-#   bash benchmarks/run_gpu.sh                       # all stages: tests bench kernels inductor
-#   bash benchmarks/run_gpu.sh tests kernels         # chosen stages, in the order given
+#   bash benchmarks/run_gpu.sh                       # all stages: smoke tests bench kernels inductor
+#   bash benchmarks/run_gpu.sh smoke tests kernels inductor   then   bash benchmarks/run_gpu.sh bench
 #   BENCH_ARGS="-k bf16" bash benchmarks/run_gpu.sh bench   # pytest selection passed to the benchmark suite
 # Stages:
+#   smoke     the benchmark suite on the tiny shape on CUDA (a minute): every GPU code path, before the long run
 #   tests     the CUDA test suite: python -m pytest tests -x -q
 #   bench     the full benchmark suite (pytest-benchmark when importable, else benchmarks/run.py; same CSV),
 #             the training step included; rows are written as they are measured, the table and plot at the end
@@ -19,7 +20,7 @@ unset TRITON_INTERPRET NGKERNELS_BACKEND  # the GPU runs the compiled kernels; t
 OUT=${OUT:-$PWD/.benchmarks/gpu}
 mkdir -p "$OUT/results"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests bench kernels inductor)
+[ ${#stages[@]} -eq 0 ] && stages=(smoke tests bench kernels inductor)
 status=0
 
 python - <<'EOF' | tee "$OUT/environment.txt"
@@ -55,6 +56,14 @@ run_stage() {  # name, command...: run, log to $OUT/<name>.log, remember a failu
 
 for stage in "${stages[@]}"; do
   case $stage in
+    smoke)
+      if python -c "import pytest_benchmark" 2>/dev/null; then
+        run_stage smoke python -m pytest benchmarks --benchmark-enable --bench-shapes=smoke --bench-device=cuda \
+          --bench-results "$OUT/smoke" -x -q
+      else
+        run_stage smoke python -m benchmarks.run --shapes smoke --device cuda --results "$OUT/smoke" \
+          --train-step-rounds 2
+      fi ;;
     tests)
       run_stage tests python -m pytest tests -x -q ;;
     bench)
@@ -75,7 +84,7 @@ for stage in "${stages[@]}"; do
         --results "$OUT/results" --code-dir "$OUT/inductor"
       copy_results ;;
     *)
-      echo "unknown stage $stage (tests bench kernels inductor)" >&2; status=2 ;;
+      echo "unknown stage $stage (smoke tests bench kernels inductor)" >&2; status=2 ;;
   esac
 done
 exit $status
