@@ -61,7 +61,7 @@ class FinetuneConfig:
 
 @dataclass
 class SamplingConfig:
-    """The rollout sampler (evaluation uses the same one, with eval.num_steps)."""
+    """The rollout sampler. Evaluation uses the ODE with eval.num_steps and the same shift / CFG / rescale."""
 
     sampler: Literal["ode", "sde"] = "ode"
     num_steps: int = 10
@@ -69,6 +69,7 @@ class SamplingConfig:
     guidance_scale: float = 1.0  # 1 = no CFG (NFT / AWM / DPO train CFG-free)
     noise_level: float = 0.7  # SDE eta (Flow-GRPO's noise_level)
     rescale_to_reference: bool = False  # inference baseline: rescale v to ||v_ref|| each step
+    rescale_phi: float = 1.0  # blend of the rescaled and the raw v (guidance_rescale-style), 1 = fully rescaled
 
 
 @dataclass
@@ -219,7 +220,7 @@ RANGES = {
     "model.toy.pretrain_lr": _POSITIVE, "model.toy.caption_dropout": _UNIT,
     "finetune.lora_r": _AT_LEAST_1, "finetune.lora_alpha": _POSITIVE,
     "sampling.num_steps": _AT_LEAST_1, "sampling.shift": _POSITIVE, "sampling.guidance_scale": _POSITIVE,
-    "sampling.noise_level": _NON_NEGATIVE,
+    "sampling.noise_level": _NON_NEGATIVE, "sampling.rescale_phi": _UNIT,
     "rollout.prompts_per_step": _AT_LEAST_1, "rollout.group_size": (lambda x: x >= 2, ">= 2 (advantages compare "
                                                                                      "images of one prompt)"),
     "rollout.batch_size": _AT_LEAST_1,

@@ -89,6 +89,7 @@ class Summary:
     trained_weights: Path
     seconds: float
     steps: int
+    setup_seconds: float = 0.0
 
     def lines(self) -> list[str]:
         return [
@@ -99,7 +100,8 @@ class Summary:
             f"plot               {self.plot}",
             f"checkpoint         {self.checkpoint}",
             f"trained weights    {self.trained_weights}",
-            f"time               {self.seconds:.1f} s",
+            f"time               {self.setup_seconds:.1f} s set-up (model, pretraining or cache) + "
+            f"{self.seconds:.1f} s RL",
         ]
 
 
@@ -127,6 +129,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        self.created = time.time()
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.accelerator = acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
@@ -226,7 +229,7 @@ class Trainer:
         uncond = self._encode([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
         with torch.no_grad(), self.model.use_adapter(policy), self.accelerator.autocast():
             velocity = policy_velocity(self.model, cond, cfg.guidance_scale, uncond, cfg.rescale_to_reference,
-                                       forward=self.ddp_model)
+                                       cfg.rescale_phi, forward=self.ddp_model)
             return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise,
                           progress=None if bar is None else (lambda: bar.update(len(prompts))))
 
@@ -292,8 +295,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # training
 
-    def _assign(self, items: list[Item], latents: dict, step: int, epoch: int):
-        """-> (this process's items with their global index, per-process item counts, latents by slot)."""
+    def _assign(self, items: list[Item], step: int, epoch: int):
+        """-> (this process's items with their global index, per-process item counts)."""
         acc = self.accelerator
         world, rank = acc.num_processes, acc.process_index
         order = torch.randperm(len(items), generator=seeded_generator(self.cfg.train.seed, _SHUFFLE, step, epoch))
@@ -339,7 +342,7 @@ class Trainer:
         ratio_count = torch.zeros_like(ratio_sum)
         params = self.model.trainable_parameters()
         for epoch in range(cfg.train.inner_epochs):
-            mine, counts = self._assign(items, latents, step, epoch)
+            mine, counts = self._assign(items, step, epoch)
             per_update = bs * accum
             n_micro = math.ceil(max(counts) / per_update) * accum if items else 0
             # pad with zero-weight copies so every process runs the same number of micro-batches (DDP)
@@ -435,6 +438,7 @@ class Trainer:
     def run(self) -> Summary:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         started = time.time()
+        self.setup_seconds = started - self.created
         if 0 not in state.eval_rewards:
             state.eval_rewards[0] = self.evaluate()
         checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
@@ -474,7 +478,7 @@ class Trainer:
         acc.wait_for_everyone()
         last = max(state.eval_rewards)
         return Summary(self.run_dir, state.eval_rewards[0], state.eval_rewards[last], state.last_norm_ratio,
-                       self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step)
+                       self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step, self.setup_seconds)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
