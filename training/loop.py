@@ -191,8 +191,17 @@ class Trainer:
                    "grad_norm", "skipped_updates", "nonfinite_losses", "eval_reward", "seconds"]
         self.csv_path = self.run_dir / "metrics.csv"
         if acc.is_main_process:
+            if self.resume_from is None:  # a fresh run in a used directory: old checkpoints/logs would mix in
+                stale = [self.run_dir / name for name in ("checkpoints", "tensorboard", "trained_weights")
+                         if (self.run_dir / name).exists()]
+                if stale:
+                    print(f"starting a fresh run in {self.run_dir}: removing the previous run's "
+                          f"{', '.join(p.name for p in stale)} (use --resume to continue it instead)", flush=True)
+                for path in stale:
+                    shutil.rmtree(path)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
         self.csv = CSVTracker(self.csv_path, columns, resume_step=self.state.step if self.resume_from else None) \
             if acc.is_main_process else None
         if self.cfg.log.tensorboard:

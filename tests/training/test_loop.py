@@ -84,6 +84,13 @@ def test_a_crash_loses_only_the_steps_after_the_last_checkpoint(toy_cfg):
     assert after[2]["loss"] == before[2]["loss"]
 
 
+def test_a_fresh_run_in_a_used_directory_starts_clean(toy_cfg):
+    Trainer(toy_cfg("train.steps=3", "log.run_name=again")).run()
+    summary = Trainer(toy_cfg("train.steps=1", "log.run_name=again")).run()
+    assert sorted(p.name for p in (summary.run_dir / "checkpoints").iterdir()) == ["step-1"]
+    assert [r["step"] for r in rows(summary.run_dir)] == [1]
+
+
 def test_resume_refuses_a_changed_config(toy_cfg):
     Trainer(toy_cfg("train.steps=1", "log.run_name=r")).run()
     with pytest.raises(ValueError, match="method.nft.beta"):
