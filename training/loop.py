@@ -94,7 +94,8 @@ class Summary:
     def lines(self) -> list[str]:
         return [
             f"run directory      {self.run_dir}",
-            f"eval reward        {self.reward_before:.4f} (before) -> {self.reward_after:.4f} (after, step {self.steps})",
+            f"eval reward        {self.reward_before:.4f} (before) -> {self.reward_after:.4f} "
+            f"(after, step {self.steps})",
             f"norm ratio         ||v||/||v_ref|| = {self.norm_ratio:.4f} (last step, mean over trained timesteps)",
             f"metrics CSV        {self.csv}",
             f"plot               {self.plot}",
@@ -436,7 +437,8 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-self.cfg.log.keep_checkpoints]:
+            kept = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in kept[:-self.cfg.log.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final

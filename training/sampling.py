@@ -55,7 +55,7 @@ def sample(velocity: VelocityFn, x1: torch.Tensor, sigmas: torch.Tensor, sampler
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigmas = sigmas.tolist()
     steps = len(sigmas) - 1
-    if sampler == "sde" and (step_noise is None or step_noise.shape[:1] != (steps,) or step_noise.shape[1:] != x1.shape):
+    if sampler == "sde" and (step_noise is None or tuple(step_noise.shape) != (steps, *x1.shape)):
         raise ValueError(f"the sde sampler needs step_noise of shape {(steps, *x1.shape)}")
     x = x1
     for i in range(steps):

@@ -92,7 +92,8 @@ class FlowModel(nn.Module):
         if sigma.dim() == 0:
             sigma = sigma.expand(latents.shape[0])
         if sigma.shape != (latents.shape[0],):
-            raise ValueError(f"sigma must be a scalar or have shape [B]=({latents.shape[0]},), got {tuple(sigma.shape)}")
+            raise ValueError(f"sigma must be a scalar or have shape [B]=({latents.shape[0]},), "
+                             f"got {tuple(sigma.shape)}")
         return self.predict_velocity(self._transformer_in_use(), latents, sigma, cond)
 
     def forward(self, latents, sigma, cond):
