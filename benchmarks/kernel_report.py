@@ -28,6 +28,7 @@ def compiled_kernels() -> dict:
     """{id: (kind, CompiledKernel)} for every specialisation compiled so far (Triton 3.x JIT caches)."""
     found = {}
     for kind, jit in JIT_KERNELS.items():
+        jit = getattr(jit, "fn", jit) if not hasattr(jit, "device_caches") else jit  # an autotuner wraps the JIT
         for device_cache in jit.device_caches.values():
             for compiled in device_cache[0].values():  # (kernel_cache, ...) per device
                 found[id(compiled)] = (kind, compiled)

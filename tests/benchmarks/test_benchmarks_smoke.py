@@ -58,6 +58,7 @@ def check_rows(rows, ops=None, impls=None):
 
 
 def test_pytest_benchmark_suite_smoke(tmp_path):
+    pytest.importorskip("pytest_benchmark", reason="the suite's declared tool (test extra); run.py covers its absence")
     out = run(["-m", "pytest", "benchmarks", "--benchmark-enable", "--bench-shapes=smoke", "--bench-device=cpu",
                f"--bench-results={tmp_path}", "--bench-max-time=0.05", "--bench-threads=1", "-q", "-p", "no:cacheprovider",
                "--benchmark-columns=median,rounds"],
