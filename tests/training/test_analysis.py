@@ -250,16 +250,17 @@ def test_traced_sample_bad_input():
 # ------------------------------------------------------------------------------------------------------
 # The study: early-stopping match and the one-command run on a tiny budget
 
-def test_match_checkpoint_picks_the_first_step_reaching_the_other_final_reward():
+def test_match_checkpoint_early_stops_the_normguard_off_run():
     from training.analysis.study import match_checkpoint
 
     off = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     on = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35]
-    m = match_checkpoint(off, on, window=1)
-    assert m == {"matched_run": "a", "step": 4, "target_reward": 0.35, "matched_reward": 0.4}
-    m = match_checkpoint(on, off, window=3)  # trailing means: the higher run is now the second
-    assert m["matched_run"] == "b" and m["target_reward"] == pytest.approx(0.3)
-    assert m["step"] == 4 and m["matched_reward"] == pytest.approx(0.3)
+    assert match_checkpoint(off, on, window=1) == {"step": 4, "reached": True, "target_reward": 0.35,
+                                                   "matched_reward": 0.4}
+    m = match_checkpoint(off, on, window=3)  # trailing means: off 0.1 0.15 0.2 0.3 0.4 0.5, on's final 0.3
+    assert m["step"] == 4 and m["reached"] and m["target_reward"] == pytest.approx(0.3)
+    m = match_checkpoint(on, off, window=1)  # never reached: the best step, flagged
+    assert m == {"step": 6, "reached": False, "target_reward": 0.6, "matched_reward": 0.35}
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +333,22 @@ def test_feature_net_is_cached_and_the_distance_sees_corruption(quick_study, mon
     clean = render(captions, 8, g)
     noisy = (clean + 0.3 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
     assert q(clean, captions)["fd"] < q(noisy, captions)["fd"]
+
+
+def test_analysis_cli_on_a_run_directory(quick_study, tmp_path, capsys):
+    from training.analysis.__main__ import main
+    from training.analysis.io import read_rows
+
+    out, settings, _ = quick_study
+    run_dir = out / "runs" / "awm_ng-on_seed-0"
+    code = main([str(run_dir), "--out", str(tmp_path), "--num-prompts", "2", "--samples-per-prompt", "2",
+                 "--steps", "2", "--phis", "1", "--adjoint-samples-per-prompt", "1"])
+    assert code == 0
+    rows = read_rows(tmp_path / "eval.csv")
+    assert {(r["sampling"], r["num_steps"]) for r in rows} == {("plain", 2.0), ("plain", 4.0), ("renorm", 4.0)}
+    assert all(r["checkpoint"] == "step-3" for r in rows)
+    for name in ("norm_ratio_by_timestep.csv", "norm_ratio_by_timestep.png", "adjoint_coherence.csv",
+                 "norm_ratio_over_training.png"):
+        assert (tmp_path / name).is_file()
+    assert "reward=" in capsys.readouterr().out
+    assert main([str(tmp_path / "nowhere")]) == 2

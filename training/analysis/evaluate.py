@@ -6,6 +6,7 @@ sensitivity's batch coherence. Same seeds for every call, so checkpoints are com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from training.analysis.adjoint import adjoint_sensitivity, coherence
 from training.analysis.norms import inflation_percent, ratio_rows
@@ -80,3 +81,26 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
                                 "total_frac_positive": c.total_frac_positive,
                                 "median_abs_mean_over_std": sorted(abs(x) for x in c.mean_over_std)[len(c.mean) // 2]}
     return result
+
+
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """The trained model's weights from an accelerate checkpoint folder (model.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint}: no model.safetensors (not an accelerate checkpoint of this trainer?)")
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def build_eval_model(cfg, checkpoint: str | None):
+    """The run's model (with its method's extra policies, so checkpoint keys match) at `checkpoint`
+    (None: the reference, i.e. the untouched LoRA init)."""
+    from training.methods import build_method
+    from training.models import build_model
+
+    model = build_model(cfg)
+    build_method(cfg).setup(model)
+    if checkpoint is not None:
+        load_checkpoint_weights(model, Path(checkpoint))
+    return model.eval()

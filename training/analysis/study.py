@@ -5,9 +5,9 @@
 1. Trains the grid {nft, awm, dpo} x {NormGuard off, on} x seeds from training/configs/toy.yaml (per seed the
    same seed and budget for all; "off" is normguard.ng_lambda=0, "on" the config's NormGuard settings as they
    are), with a checkpoint and the trainer's evaluation (fixed noise) at every step.
-2. Early-stopping control, per method and seed: of the two runs, the one that ends with the higher evaluation
-   reward (trailing mean over `match_window` steps) is taken at its first checkpoint that reaches the other
-   run's final value, so the two are also compared at matched reward.
+2. Early-stopping control, per method and seed: the NormGuard-off run is taken at its first checkpoint whose
+   evaluation reward (trailing mean over `match_window` steps) reaches the NormGuard-on run's final value, so
+   the two are also compared at matched reward (if it never does: its best checkpoint, flagged).
 3. Evaluates the reference, every final checkpoint and every matched checkpoint with the same instruments and
    the same evaluation noise: reward, norm inflation along the policy's own trajectory, the reward-free quality
    proxy (Frechet distance to the toy's data in a toy-trained CNN's features, attribute accuracy), few-step
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from training.analysis.evaluate import EvalSettings, evaluate_checkpoint
+from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
 from training.analysis.io import pyplot, write_csv
 from training.analysis.quality import FeatureNetSpec, ToyQuality, frechet_distance, load_or_train_feature_net
 
@@ -118,29 +118,6 @@ def _train_job(cfg_dict: dict) -> dict:
     return {"run_dir": str(summary.run_dir), "seconds": summary.seconds, "steps": summary.steps}
 
 
-def load_checkpoint_weights(model, checkpoint: Path) -> None:
-    """The trained model's weights from an accelerate checkpoint folder (model.safetensors)."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"{checkpoint}: no model.safetensors (not an accelerate checkpoint of this trainer?)")
-    model.load_state_dict(load_file(str(path)), strict=True)
-
-
-def build_eval_model(cfg, checkpoint: str | None):
-    """The run's model (with its method's extra policies, so checkpoint keys match) at `checkpoint`
-    (None: the reference, i.e. the untouched LoRA init)."""
-    from training.methods import build_method
-    from training.models import build_model
-
-    model = build_model(cfg)
-    build_method(cfg).setup(model)
-    if checkpoint is not None:
-        load_checkpoint_weights(model, Path(checkpoint))
-    return model.eval()
-
-
 def _eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict, spec: dict,
               num_reference: int) -> dict:
     from training.config import config_from_dict
@@ -166,16 +143,18 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def match_checkpoint(rewards_a: list[float], rewards_b: list[float], window: int) -> dict:
-    """Rewards per step (1..N) of two runs. The run with the higher final (trailing-mean) reward is matched
-    at its first step whose trailing mean reaches the other's final value."""
-    if not rewards_a or not rewards_b:
+def match_checkpoint(rewards_off: list[float], rewards_on: list[float], window: int) -> dict:
+    """Rewards per step (1..N) of the NormGuard-off and -on runs. The off run is early-stopped: its first step
+    whose trailing-mean reward reaches the on run's final trailing-mean reward. If it never does, its step with
+    the highest trailing mean is taken and `reached` is False."""
+    if not rewards_off or not rewards_on:
         raise ValueError("need logged rewards of both runs")
-    sa, sb = trailing_mean(rewards_a, window), trailing_mean(rewards_b, window)
-    higher, target = ("a", sb[-1]) if sa[-1] >= sb[-1] else ("b", sa[-1])
-    curve = sa if higher == "a" else sb
-    step = next((i + 1 for i, r in enumerate(curve) if r >= target), len(curve))
-    return {"matched_run": higher, "step": step, "target_reward": target, "matched_reward": curve[step - 1]}
+    off, target = trailing_mean(rewards_off, window), trailing_mean(rewards_on, window)[-1]
+    step = next((i + 1 for i, r in enumerate(off) if r >= target), None)
+    reached = step is not None
+    if not reached:
+        step = max(range(len(off)), key=off.__getitem__) + 1
+    return {"step": step, "reached": reached, "target_reward": target, "matched_reward": off[step - 1]}
 
 
 def eval_reward_curve(metrics: list[dict]) -> list[float]:
@@ -226,17 +205,16 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
         matches = {}
         for seed in settings.seeds:
             for method in METHODS:
-                m = match_checkpoint(eval_reward_curve(logged[(method, "off", seed)]),
-                                     eval_reward_curve(logged[(method, "on", seed)]), settings.match_window)
-                m["matched_run"] = "off" if m["matched_run"] == "a" else "on"
-                matches[(method, seed)] = m
+                matches[(method, seed)] = match_checkpoint(eval_reward_curve(logged[(method, "off", seed)]),
+                                                           eval_reward_curve(logged[(method, "on", seed)]),
+                                                           settings.match_window)
         jobs = {}
         for (method, ng, seed), cfg in cfgs.items():
             final = Path(train_info[(method, ng, seed)]["run_dir"]) / "checkpoints" / f"step-{cfg.train.steps}"
             key = (method, ng, seed, "final")
             jobs[pool.submit(_eval_job, cfg.to_dict(), str(final), label(*key), *eval_args)] = ("eval", key)
         for (method, seed), m in matches.items():
-            run = (method, m["matched_run"], seed)
+            run = (method, "off", seed)
             if m["step"] < cfgs[run].train.steps:
                 ckpt = Path(train_info[run]["run_dir"]) / "checkpoints" / f"step-{m['step']}"
                 key = (*run, "matched")
@@ -349,19 +327,15 @@ def _paired_rows(rows, matches, meta) -> list[dict]:
     for (method, seed), m in matches.items():
         off, on = _find(rows, (method, "off", seed, "final"), num_steps=K), _find(rows, (method, "on", seed, "final"),
                                                                                  num_steps=K)
-        matched = _find(rows, (method, m["matched_run"], seed, "matched"), num_steps=K)
-        if matched is not None:  # the higher run taken at the lower run's final reward
-            off_m, on_m = (matched, on) if m["matched_run"] == "off" else (off, matched)
-        else:
-            off_m, on_m = off, on
+        off_matched = _find(rows, (method, "off", seed, "matched"), num_steps=K) or off  # none: matched at the end
         row = {"method": method, "seed": seed}
-        for name, (a, b) in {"final": (on, off), "matched": (on_m, off_m)}.items():
+        for name, (a, b) in {"final": (on, off), "matched": (on, off_matched)}.items():
             row[f"{name}_d_reward"] = b and a and a["reward_mean"] - b["reward_mean"]
             row[f"{name}_d_inflation_pp"] = b and a and a["norm_inflation_pct"] - b["norm_inflation_pct"]
             row[f"{name}_d_fd"] = b and a and a["fd"] - b["fd"]
             row[f"{name}_d_attribute_acc"] = b and a and a["attribute_acc"] - b["attribute_acc"]
         row["matched_step"] = m["step"]
-        row["matched_run"] = m["matched_run"]
+        row["reached"] = m["reached"]
         out.append(row)
     return out
 
@@ -384,15 +358,15 @@ def _markdown(rows, evals, matches, train_info, meta) -> str:
            f"{meta['fd_floor']:.2f}); attr acc = fraction of images whose colour, shape and side the CNN reads as "
            f"the caption says.", ""]
     out += ["## NormGuard on minus off (paired by seed)", "",
-            f"End of training, and at matched reward (the run that ends higher is taken at its first checkpoint "
-            f"whose evaluation reward, trailing mean over {meta['match_window']} steps, reaches the other run's "
-            f"final value).", "",
-            "| method | seed | d reward | d inflation (pp) | d FD | d attr acc | matched: run@step | d reward | "
+            f"At the end of training, and at matched reward: NG-on's final checkpoint against NG-off's first "
+            f"checkpoint whose evaluation reward (the trainer's, trailing mean over {meta['match_window']} steps) "
+            f"reaches NG-on's final value (early stopping). d = NG-on minus NG-off.", "",
+            "| method | seed | d reward | d inflation (pp) | d FD | d attr acc | NG-off matched step | d reward | "
             "d inflation (pp) | d FD | d attr acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in _paired_rows(rows, matches, meta):
         out.append(f"| {r['method']} | {r['seed']} | {_f(r['final_d_reward'], '{:+.4f}')} | "
                    f"{_f(r['final_d_inflation_pp'], '{:+.2f}')} | {_f(r['final_d_fd'], '{:+.2f}')} | "
-                   f"{_f(r['final_d_attribute_acc'], '{:+.3f}')} | NG-{r['matched_run']}@{r['matched_step']} | "
+                   f"{_f(r['final_d_attribute_acc'], '{:+.3f}')} | {r['matched_step']}{'' if r['reached'] else ' (not reached)'} | "
                    f"{_f(r['matched_d_reward'], '{:+.4f}')} | {_f(r['matched_d_inflation_pp'], '{:+.2f}')} | "
                    f"{_f(r['matched_d_fd'], '{:+.2f}')} | {_f(r['matched_d_attribute_acc'], '{:+.3f}')} |")
     out += ["", "## Reward, norm inflation, quality", "",
@@ -498,8 +472,8 @@ def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_i
                     alpha=seed_alpha[s], label=f"NG-{ng} s{s}")
         for (m, s), match in matches.items():
             if m == method:
-                ax.axvline(match["step"], color=colors[match["matched_run"]], ls=":", alpha=seed_alpha[s])
-        ax.set_title(method + " (dotted: matched steps)")
+                ax.axvline(match["step"], color=colors["off"], ls=":", alpha=seed_alpha[s])
+        ax.set_title(method + " (dotted: NG-off matched steps)")
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"eval reward (trailing mean {meta['match_window']})")
