@@ -91,8 +91,13 @@ def norm_ratio_over_training(run_dirs, out_png: str | Path | None = None, title:
         curves[label] = [{"step": int(r["step"]), **{k: r[k] for k in keys}} for r in rows]
     if out_png is not None:
         plt = pyplot()
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves) + 0.6, 3.4), sharey=True, squeeze=False)
-        for ax, (label, rows) in zip(axes[0], curves.items()):
+        ncols = min(4, len(curves))
+        nrows = -(-len(curves) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 3.0 * nrows + 0.4), sharey=True,
+                                 squeeze=False)
+        for ax in axes.flat[len(curves):]:
+            ax.axis("off")
+        for ax, (label, rows) in zip(axes.flat, curves.items()):
             steps = [r["step"] for r in rows]
             for key in rows[0]:
                 if key.startswith("norm_ratio"):
@@ -102,8 +107,9 @@ def norm_ratio_over_training(run_dirs, out_png: str | Path | None = None, title:
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("||v_theta|| / ||v_ref|| (training timesteps)")
-        axes[0][-1].legend(fontsize=7)
+        for row in axes:
+            row[0].set_ylabel("||v_theta|| / ||v_ref||\n(training timesteps)")
+        axes.flat[len(curves) - 1].legend(fontsize=7)
         if title:
             fig.suptitle(title)
         fig.tight_layout()
