@@ -436,7 +436,8 @@ def measure(case: Case, device: torch.device, env: dict, copy_gbps: float, timer
     row.update(op=case.op, impl=case.impl, mode=case.mode, shape=case.shape, dims="x".join(map(str, case.dims)),
                dtype=case.dtype, median_ms=median, p20_ms=p20, p80_ms=p80, timer=timer_name, copy_gbps=copy_gbps)
     notes = []
-    if device.type == "cuda" and case.shape in LAUNCH_BOUND_SHAPES:
+    # (a retained graph's backward runs on the stream of its forward, outside the capture: forward and full only)
+    if device.type == "cuda" and case.shape in LAUNCH_BOUND_SHAPES and case.mode != "backward":
         try:
             row["cudagraph_ms"] = time_cuda_graph(fn)
         except Exception as err:  # a capture failure is a result to report, not a reason to stop the suite

@@ -119,7 +119,7 @@ def test_targets_are_judged_from_cuda_rows():
         cuda_row("fm_normguard", "compile", "XL", "bf16", 1.4, 0.66),
         cuda_row("fm_normguard", "eager", "XL", "bf16", 6.0, 0.15),
         cuda_row("fm_normguard", "ngkernels", "S", "bf16", 0.01, 0.3, launches_kernels=3, launches_memsets=0,
-                 kernel_names="a;b;c", peak_extra_mib=9.0, grad_mib=4),
+                 kernel_names="a;b;c", peak_extra_mib=9.0, grad_mib=4, cudagraph_ms=0.004),
         cuda_row("fm_normguard", "ngkernels", "F", "bf16", 0.02, 0.8),
         dict(cuda_row("train_step", "normguard_off", "toy", "bf16", 100.0, ""), mode="step"),
         dict(cuda_row("train_step", "normguard_on", "toy", "bf16", 100.5, ""), mode="step"),
@@ -133,4 +133,6 @@ def test_targets_are_judged_from_cuda_rows():
     assert verdicts["XL bf16: peak extra memory <= gradient (+1 MiB)"] is True
     assert verdicts["S bf16: peak extra memory <= gradient (+1 MiB)"] is False
     assert verdicts["training step toy bf16: NormGuard adds <= 1%"] is True
-    assert "| XL bf16: >= 1.5x faster than torch.compile | 1.40x | **no** |" in report.render_markdown(rows)
+    markdown = report.render_markdown(rows)
+    assert "| XL bf16: >= 1.5x faster than torch.compile | 1.40x | **no** |" in markdown
+    assert "| fm_normguard | S | bf16 | full | 0.004 | - | - |" in markdown  # the CUDA-graph table
