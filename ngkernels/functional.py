@@ -72,10 +72,13 @@ def fused_backward(grad_out, v2d, t2d, coef, has_ref, reduction, backend):
         return _ops.triton_backward(grad_out, v2d, t2d, coef, has_ref, reduction)
     g = grad_out.to(coef.dtype)
     g = g.expand(B) / B if reduction == "mean" else g.expand(B)
-    v = v2d.to(coef.dtype)
-    grad = (g * coef[0])[:, None] * v if has_ref else torch.zeros_like(v)
-    if t2d is not None:
-        grad = grad + (g * coef[1])[:, None] * (v - t2d.to(coef.dtype))
+    a, c = (g * coef[0])[:, None], (g * coef[1])[:, None]
+    if t2d is None:
+        grad = torch.mul(v2d, a)  # promotes to the accumulation dtype without a copy of v
+    else:  # a v + c (v - t) in one buffer of the accumulation dtype
+        grad = t2d.to(coef.dtype, copy=True).neg_().add_(v2d).mul_(c)
+        if has_ref:
+            grad.addcmul_(v2d, a)
     return grad.to(v2d.dtype)
 
 

@@ -5,7 +5,7 @@ One kernel pair serves all three public ops; constexpr flags remove the absent t
 The math is documented once in `ngkernels/reference.py`; this file mirrors it in Triton.
 
 Design (why two launches and not "gradient in the forward"):
-  forward  grid (row blocks, splits): each program streams its chunk of v, v_ref, target once and writes
+  forward  grid (row blocks, splits), one launch: each program streams its chunk of v, v_ref, target once, writes
            fp32 partial sums (sum v^2, sum v_ref^2, sum (v-t)^2). The program that arrives last at its row
            block (an atomic ticket, never a wait) finishes those rows: norms, mse, hinge, per-sample loss and
            the two gradient coefficients a_i, c_i; the last row block to finish writes the reduced loss.
@@ -41,7 +41,7 @@ def _fwd_kernel(
     V, T, R, W,  # inputs: [B, N] views with unit column stride; W: [B] weights
     stride_v, stride_t, stride_r,  # row strides (elements)
     PART,  # [B, n_splits, 3] partial sums (ACC dtype)
-    COUNT,  # int32 [n_row_blocks + 1], zeroed: arrivals per row block, then finished row blocks
+    COUNT,  # int32 [>= n_row_blocks + 1], zero on entry and on exit: arrivals per row block, finished blocks
     STATS,  # [3, B]: v_norm, ref_norm, mse
     COEF,  # [2, B]: a (coefficient of v), c (coefficient of v - target)
     LOSS,  # [B] per-sample loss
@@ -88,6 +88,7 @@ def _fwd_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(COUNT + pid_r, 1, sem="acq_rel")
     if ticket == n_splits - 1:
+        tl.store(COUNT + pid_r, 0)  # every arrival is in: leave the ticket zero for the next launch
         tl.debug_barrier()
         s = tl.arange(0, BLOCK_S)
         pmask = row_mask[:, None] & (s < n_splits)[None, :]
@@ -132,6 +133,7 @@ def _fwd_kernel(
             tl.debug_barrier()
             done = tl.atomic_add(COUNT + n_row_blocks, 1, sem="acq_rel")
             if done == n_row_blocks - 1:
+                tl.store(COUNT + n_row_blocks, 0)
                 tl.debug_barrier()
                 total = tl.zeros([BLOCK_B], ACC)
                 for b0 in range(0, B, BLOCK_B):  # fixed order: deterministic
@@ -211,6 +213,34 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+_TICKETS: dict = {}
+
+
+def _ticket_key(device: torch.device):
+    return str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 tickets, cached: every forward leaves them zero again (the last arrival at each counter
+    resets it), so a call needs no fill kernel. One buffer per (device, stream), because launches on one stream
+    never overlap; launches on different streams get different buffers."""
+    key = _ticket_key(device)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+@contextlib.contextmanager
+def _drop_tickets_on_error(device: torch.device):
+    """A launch that fails half-way may leave tickets non-zero: never reuse that buffer."""
+    try:
+        yield
+    except BaseException:
+        _TICKETS.pop(_ticket_key(device), None)
+        raise
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -223,14 +253,14 @@ def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, 
     rows, block_n, n_rb, n_splits, chunk, num_warps = launch_config(B, N, v2d.device, splits)
     dev = v2d.device
     part = torch.empty((B, n_splits, 3), dtype=acc, device=dev)
-    count = torch.zeros(n_rb + 1, dtype=torch.int32, device=dev)
+    count = _tickets(n_rb + 1, dev)
     stats = torch.empty((3, B), dtype=acc, device=dev)
     coef = torch.empty((2, B), dtype=acc, device=dev)
     per_sample = torch.empty(B, dtype=acc, device=dev)
     code = REDUCTION_CODE[reduction]
     out = per_sample if code == 0 else torch.empty((), dtype=acc, device=dev)
     has_t, has_r = t2d is not None, r2d is not None
-    with _on(dev):
+    with _on(dev), _drop_tickets_on_error(dev):
         _fwd_kernel[(n_rb, n_splits)](
             v2d, t2d if has_t else v2d, r2d if has_r else v2d, weight if weight is not None else v2d,
             v2d.stride(0), t2d.stride(0) if has_t else 0, r2d.stride(0) if has_r else 0,

@@ -198,3 +198,16 @@ def test_double_backward_is_a_clear_error(backend, device):
     (g,) = torch.autograd.grad(ngkernels.fm_normguard_loss(v, target, v_ref), v, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+def test_tickets_are_left_zero(monkeypatch, device):
+    """The forward reuses one ticket buffer per stream with no fill: each launch must leave it zero."""
+    from ngkernels.ops import fm_normguard as ops
+
+    monkeypatch.setenv("NGKERNELS_BACKEND", "triton")
+    for shape, splits, red in [((5, 3000), "3", "mean"), ((64, 8), "0", "none"), ((2, 9000), "4", "sum"),
+                               ((5, 3000), "3", "mean")]:
+        monkeypatch.setenv("NGKERNELS_SPLITS", splits)
+        v, target, v_ref, weight = make_inputs(shape, torch.float32, device)
+        check_against_oracle("fm_normguard", v, target, v_ref, weight, dict(reduction=red), torch.float32)
+        assert torch.count_nonzero(ops._TICKETS[ops._ticket_key(v.device)]) == 0
