@@ -7,33 +7,21 @@ construct the model (frozen weights, text encoders, VAE) and never touch adapter
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from training.models.base import DEFAULT_ADAPTER, FlowModel
+from training.registry import Registry
 
 if TYPE_CHECKING:
     from training.config import Config
 
-MODELS: dict[str, Callable[["Config"], FlowModel]] = {}
-
-
-def register_model(name: str):
-    """Decorator: registers a builder `(cfg: Config) -> FlowModel` under `name` (the `model.type` key)."""
-
-    def decorator(builder):
-        if name in MODELS:
-            raise ValueError(f"model type {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
-
-    return decorator
+MODELS: Registry = Registry("model type")  # name -> builder (cfg: Config) -> FlowModel
+register_model = MODELS.register  # decorator: the builder of `model.type` == name
 
 
 def build_model(cfg: "Config") -> FlowModel:
     """The model of `cfg.model.type`, with fine-tuning configured from `cfg.finetune`."""
-    if cfg.model.type not in MODELS:
-        raise ValueError(f"unknown model type {cfg.model.type!r}; registered: {sorted(MODELS)}")
-    model = MODELS[cfg.model.type](cfg)
+    model = MODELS.lookup(cfg.model.type)(cfg)
     if not isinstance(model, FlowModel):
         raise TypeError(f"builder of {cfg.model.type!r} returned {type(model).__name__}, not a FlowModel")
     ft = cfg.finetune

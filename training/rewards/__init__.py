@@ -6,30 +6,16 @@ Built-in offline rewards live in `builtin.py`; CLIP-style scorers loaded from lo
 from __future__ import annotations
 
 import inspect
-from typing import Callable
-
+from training.registry import Registry
 from training.rewards.base import Reward, check_reward_inputs
 
-REWARDS: dict[str, Callable[..., Reward]] = {}
-
-
-def register_reward(name: str):
-    """Decorator: registers a Reward class (or factory) under `name`."""
-
-    def decorator(factory):
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        REWARDS[name] = factory
-        return factory
-
-    return decorator
+REWARDS: Registry = Registry("reward")  # name -> Reward class or factory
+register_reward = REWARDS.register  # decorator
 
 
 def build_reward(name: str, **kwargs) -> Reward:
     """Makes the reward `name`; unknown names and keyword arguments are ValueErrors."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
-    factory = REWARDS[name]
+    factory = REWARDS.lookup(name)
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
