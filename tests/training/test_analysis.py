@@ -299,6 +299,9 @@ def test_quick_study_writes_tables_data_and_plots(quick_study):
     for name in ("norm_ratio_by_timestep", "norm_ratio_over_training", "reward_curves", "few_step",
                  "adjoint_coherence"):
         assert (out / f"{name}.png").stat().st_size > 1000
+    for run in (out / "runs").iterdir():  # per-step checkpoints pruned to the final (and matched) ones
+        kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+        assert "step-3" in kept and len(kept) <= 2
     adjoint = read_rows(out / "adjoint_coherence.csv")
     assert all(0.0 <= r["frac_positive"] <= 1.0 for r in adjoint)
 

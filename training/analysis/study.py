@@ -68,6 +68,7 @@ class StudySettings:
     match_window: int = 3
     seeds: tuple[int, ...] = (0, 1)
     workers: int = 2
+    keep_checkpoints: bool = False  # True: keep every per-step checkpoint (else only final and matched)
     eval_seed: int = 1000
 
     @classmethod
@@ -220,6 +221,8 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
                 key = (*run, "matched")
                 jobs[pool.submit(_eval_job, cfgs[run].to_dict(), str(ckpt), label(*key), *eval_args)] = ("eval", key)
         _drain(jobs, train_info, evals, "evaluate", progress)
+    if not settings.keep_checkpoints:
+        _prune_checkpoints(cfgs, train_info, matches)
 
     floor_quality = ToyQuality(toy.image_size, toy.cache_dir, spec=spec, num_reference=settings.num_reference,
                                progress=False)
@@ -233,6 +236,20 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
             "ng": _ng_description(cfgs[("nft", "on", settings.seeds[0])]), "match_window": settings.match_window,
             "overrides": settings.overrides}
     return write_report(out_dir, cfgs, train_info, logged, matches, evals, meta)
+
+
+def _prune_checkpoints(cfgs, train_info, matches) -> None:
+    """Keeps each run's final and matched checkpoints (a checkpoint per step is only needed for the matching:
+    about 1.4 MB each for the toy, 1.7 GB for the full grid)."""
+    import shutil
+
+    for (method, ng, seed), info in train_info.items():
+        keep = {cfgs[(method, ng, seed)].train.steps}
+        if ng == "off":
+            keep.add(matches[(method, seed)]["step"])
+        for path in (Path(info["run_dir"]) / "checkpoints").glob("step-*"):
+            if int(path.name.split("-")[1]) not in keep:
+                shutil.rmtree(path)
 
 
 def _prompts(cfg) -> list[str]:
@@ -526,10 +543,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="evaluation images per caption")
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1; --quick: 0)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every per-step checkpoint (default: only the final and matched ones)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     settings = StudySettings.quick() if args.quick else StudySettings()
-    settings = replace(settings, overrides=[*settings.overrides, *args.overrides], workers=args.workers)
+    settings = replace(settings, overrides=[*settings.overrides, *args.overrides], workers=args.workers,
+                       keep_checkpoints=args.keep_checkpoints)
     if args.samples_per_prompt is not None:
         settings = replace(settings, samples_per_prompt=args.samples_per_prompt)
     if args.seeds is not None:
