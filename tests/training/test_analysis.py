@@ -263,6 +263,16 @@ def test_match_checkpoint_early_stops_the_normguard_off_run():
     assert m == {"step": 6, "reached": False, "target_reward": 0.6, "matched_reward": 0.35}
 
 
+def test_adjoint_renorm_prediction_is_the_first_order_term():
+    from training.analysis.study import adjoint_renorm_prediction
+
+    ev = {"ratio_by_step": [{"step": 0, "ratio_mean": 1.25}, {"step": 1, "ratio_mean": 0.8}],
+          "adjoint": [{"step": 0, "grad_mean": 2.0}, {"step": 1, "grad_mean": -1.0}]}
+    # alpha = phi (1/ratio - 1): step 0 -> -0.2 phi, step 1 -> +0.25 phi
+    assert adjoint_renorm_prediction(ev, 1.0) == pytest.approx(2.0 * -0.2 + -1.0 * 0.25)
+    assert adjoint_renorm_prediction(ev, 0.5) == pytest.approx(0.5 * (2.0 * -0.2 + -1.0 * 0.25))
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     from training.analysis.study import StudySettings, run_study
