@@ -35,7 +35,7 @@ class EvalSettings:
 @dataclass
 class CheckpointEval:
     """rows: one per sampling condition; ratio_by_step: per-step ratio rows at the full step count (plain);
-    adjoint: per-step coherence rows; traces kept for plots."""
+    adjoint: per-step coherence rows; adjoint_total: the uniform scale's (all steps at once) coherence."""
 
     rows: list[dict]
     ratio_by_step: list[dict]
@@ -78,8 +78,7 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
         c = coherence(grads)
         result.adjoint = c.rows(sigmas)
         result.adjoint_total = {"total_mean_over_std": c.total_mean_over_std,
-                                "total_frac_positive": c.total_frac_positive,
-                                "median_abs_mean_over_std": sorted(abs(x) for x in c.mean_over_std)[len(c.mean) // 2]}
+                                "total_frac_positive": c.total_frac_positive}
     return result
 
 

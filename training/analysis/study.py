@@ -42,7 +42,7 @@ METHODS = ("nft", "awm", "dpo")
 NG_STATES = ("off", "on")
 REFERENCE = ("reference", "", "", "reference")  # evaluation key (method, ng, seed, checkpoint) of the reference
 
-# --quick: a tiny toy and a tiny budget, for the tests and a first look (minutes, not a result)
+# --quick: a tiny toy and a tiny budget, for the tests and a smoke test (under a minute; not a result)
 QUICK_OVERRIDES = [
     "model.toy.image_size=8", "model.toy.num_layers=1", "model.toy.num_attention_heads=2",
     "model.toy.attention_head_dim=8", "model.toy.pretrain_steps=150", "model.toy.pretrain_batch_size=32",
@@ -52,7 +52,7 @@ QUICK_OVERRIDES = [
 
 
 # The study's training budget, fixed before any study result was seen: the embedded demo's 30 steps stop while
-# its reward is still climbing, and 100 steps x 6 runs fit the 30-minute / 2-core budget with room to spare.
+# its reward is still climbing, and 100 steps x 12 runs (2 seeds) fit the 30-minute / 2-core budget.
 STUDY_OVERRIDES = ["train.steps=100"]
 
 
