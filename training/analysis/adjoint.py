@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from training.sampling import SAMPLERS, VelocityFn, ode_step, policy_velocity, sde_step, sigma_schedule
+from training.sampling import SAMPLERS, VelocityFn, ode_step, policy_velocity, sde_step
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # final latents [B, ...] -> differentiable reward [B]
 
@@ -142,15 +142,11 @@ def adjoint_sensitivity(model, prompts: list[str], reward, *, num_steps: int, sh
     reward: the training reward protocol (images in [0, 1], prompts) -> [B]; it must be differentiable in the
     images. Returns (grads [N, K] float64, rewards [N], sigmas [K + 1]). Model weights get no gradient.
     """
-    from training.analysis.trajectory import initial_noise
+    from training.analysis.trajectory import sampling_inputs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sigmas = sigma_schedule(num_steps, shift)
-    noise = initial_noise(len(prompts), model.latent_shape, seed)
-    step_noise = None
-    if sampler == "sde":
-        step_noise = torch.randn((num_steps, *noise.shape), generator=torch.Generator().manual_seed(seed + 1))
+    sigmas, noise, step_noise = sampling_inputs(len(prompts), model, num_steps, shift, seed, sampler)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

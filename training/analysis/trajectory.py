@@ -36,6 +36,16 @@ def initial_noise(num: int, latent_shape, seed: int) -> torch.Tensor:
     return torch.randn((num, *latent_shape), generator=generator)
 
 
+def sampling_inputs(num: int, model, num_steps: int, shift: float, seed: int, sampler: str):
+    """(sigmas, starting noise, SDE step noise or None): the same draws for every instrument and checkpoint."""
+    sigmas = sigma_schedule(num_steps, shift)
+    noise = initial_noise(num, model.latent_shape, seed)
+    step_noise = None
+    if sampler == "sde":
+        step_noise = torch.randn((num_steps, *noise.shape), generator=torch.Generator().manual_seed(seed + 1))
+    return sigmas, noise, step_noise
+
+
 def repeat_prompts(prompts: list[str], samples_per_prompt: int) -> list[str]:
     if not prompts:
         raise ValueError("need at least one prompt")
@@ -62,11 +72,7 @@ def traced_sample(model, prompts: list[str], *, num_steps: int, shift: float = 1
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         raise ValueError("need at least one prompt")
-    sigmas = sigma_schedule(num_steps, shift)
-    noise = initial_noise(len(prompts), model.latent_shape, seed)
-    step_noise = None
-    if sampler == "sde":
-        step_noise = torch.randn((num_steps, *noise.shape), generator=torch.Generator().manual_seed(seed + 1))
+    sigmas, noise, step_noise = sampling_inputs(len(prompts), model, num_steps, shift, seed, sampler)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
