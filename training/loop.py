@@ -447,7 +447,7 @@ class Trainer:
     # the loop
 
     def run(self) -> Summary:
-        cfg, acc, state = self.cfg, self.accelerator, self.state
+        cfg, state = self.cfg, self.state
         started = time.time()
         self.setup_seconds = started - self.created
         if 0 not in state.eval_rewards:
