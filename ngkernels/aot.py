@@ -73,6 +73,9 @@ C_TYPES = {"*": "CUdeviceptr", "i32": "int32_t", "i64": "int64_t", "fp32": "floa
 PTX_TYPES = {"*": {"u64", "b64"}, "i32": {"u32", "s32", "b32"}, "i64": {"u64", "s64", "b64"},
              "fp32": {"f32", "b32"}}
 TILE_CONSTEXPRS = ("ACC", "ROWS", "BLOCK_N", "BLOCK_S", "BLOCK_B")
+# Constexprs with one value in the library: its one call runs the forward and then the backward, so the
+# forward keeps v and target in L2 for it.
+FIXED_CONSTEXPRS = {"KEEP": ops.KEEP_POLICY}
 
 # Constexpr flag combinations the library uses: normguard alone, fm + normguard, flow matching alone.
 _TERMS = ((False, True), (True, True), (True, False))  # (target, v_ref)
@@ -111,7 +114,7 @@ def kernel_params(name):
 def flag_names(kind):
     """The kernel's boolean constexpr flags, in its order (everything but the tile constexprs)."""
     _, constexpr = kernel_params(KERNELS[kind])
-    names = [n for n in constexpr if n not in TILE_CONSTEXPRS]
+    names = [n for n in constexpr if n not in TILE_CONSTEXPRS and n not in FIXED_CONSTEXPRS]
     sample = next(FLAG_SETS[kind]())
     if set(names) != set(sample):
         raise SystemExit(f"ngkernels.aot: {KERNELS[kind]} has constexpr flags {names}, the generator knows "
@@ -215,6 +218,7 @@ def compile_spec(spec: Spec):
     constexprs = {n: bool(spec.flags >> i & 1) for i, n in enumerate(names)}
     constexprs.update(ACC=tl.float32, ROWS=tile.rows, BLOCK_N=tile.block_n)
     _, constexpr_names = kernel_params(KERNELS[spec.kind])
+    constexprs.update({k: v for k, v in FIXED_CONSTEXPRS.items() if k in constexpr_names})
     if "BLOCK_S" in constexpr_names:
         constexprs["BLOCK_S"] = tile.block_s
     if "BLOCK_B" in constexpr_names:
@@ -250,7 +254,7 @@ def compile_spec(spec: Spec):
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
     return dict(cubin=compiled.asm["cubin"], entry=entry.group(1), shared=md.shared, num_warps=md.num_warps,
                 num_params=len(ptx_params), scratch_params=extra, target=target,
-                vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx)), spills=".local" in ptx)
+                vector_loads=bool(re.search(r"ld\.global\S*\.v4\.", ptx)), spills=".local" in ptx)
 
 
 def _worker_init():

@@ -50,11 +50,12 @@ def resolve_backend(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The two halves every op is made of, for either backend. Inputs are [B, N] views with unit column stride.
 
-def fused_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend):
-    """-> (loss, stats [3, B], coef [2, B]); loss is [B] for reduction "none", else 0-d."""
+def fused_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend, keep=False):
+    """-> (loss, stats [3, B], coef [2, B]); loss is [B] for reduction "none", else 0-d.
+    keep: a backward will re-read v and target (an L2 cache hint for the Triton kernels; no effect on values)."""
     B, N = v2d.shape
     if backend == "triton" and B > 0 and N > 0:
-        return _ops.triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction)
+        return _ops.triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, keep)
     stats = reference.sample_stats(v2d, t2d, r2d)
     per_sample = reference.loss_terms(stats, weight, ng_lambda, margin, relative, squared)
     a, c = reference.grad_coefficients(stats, weight, N, ng_lambda, margin, relative, squared)
@@ -86,9 +87,9 @@ class FusedLossFunction(torch.autograd.Function):
     """Eager autograd for every op: loss and stats in the forward, gradient (scaled by grad_output) in the backward."""
 
     @staticmethod
-    def forward(ctx, v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend):
+    def forward(ctx, v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend, keep):
         loss, stats, coef = fused_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared,
-                                          reduction, backend)
+                                          reduction, backend, keep)
         ctx.save_for_backward(v2d, t2d, coef)
         ctx.options = (r2d is not None, reduction, backend)
         ctx.mark_non_differentiable(stats)
@@ -100,7 +101,7 @@ class FusedLossFunction(torch.autograd.Function):
         v2d, t2d, coef = ctx.saved_tensors
         has_ref, reduction, backend = ctx.options
         grad = fused_backward(grad_loss, v2d, t2d, coef, has_ref, reduction, backend)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,12 +151,13 @@ def _fused(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduc
     r2d = None if v_ref is None else _rows("v_ref", v_ref.detach(), B)
     w = None if weight is None else weight.detach().contiguous()
     args = (float(ng_lambda), float(margin), bool(relative), bool(squared))
+    keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
     if torch.compiler.is_compiling():
         from ngkernels import library
 
-        loss, stats, _ = library.fused_loss_op(v2d, t2d, r2d, w, *args, reduction, backend)
+        loss, stats, _ = library.fused_loss_op(v2d, t2d, r2d, w, *args, reduction, backend, keep)
     else:
-        loss, stats = FusedLossFunction.apply(v2d, t2d, r2d, w, *args, reduction, backend)
+        loss, stats = FusedLossFunction.apply(v2d, t2d, r2d, w, *args, reduction, backend, keep)
     return loss, LossStats(stats[0], None if v_ref is None else stats[1], None if target is None else stats[2])
 
 

@@ -19,14 +19,14 @@ _REDUCTIONS = ("none", "mean", "sum")
 @torch.library.custom_op("ngkernels::fused_loss_fwd", mutates_args=())
 def _fwd(v: torch.Tensor, target: Optional[torch.Tensor], v_ref: Optional[torch.Tensor],
          weight: Optional[torch.Tensor], ng_lambda: float, margin: float, relative: bool, squared: bool,
-         reduction: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         reduction: int, backend: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, stats, coef = F.fused_forward(v, target, v_ref, weight, ng_lambda, margin, relative, squared,
-                                        _REDUCTIONS[reduction], backend)
+                                        _REDUCTIONS[reduction], backend, keep)
     return loss, stats, coef
 
 
 @_fwd.register_fake
-def _(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduction, backend):
+def _(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduction, backend, keep):
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     B = v.shape[0]
     loss = v.new_empty((B,) if reduction == 0 else (), dtype=acc)
@@ -45,7 +45,7 @@ def _(grad, v, target, coef, has_ref, reduction, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    v, target, v_ref, _w, _lam, _m, _rel, _sq, reduction, backend = inputs
+    v, target, v_ref, _w, _lam, _m, _rel, _sq, reduction, backend, _keep = inputs
     ctx.save_for_backward(v, target, output[2])
     ctx.options = (v_ref is not None, reduction, backend)
 
@@ -54,12 +54,14 @@ def _backward(ctx, grad_loss, _grad_stats, _grad_coef):
     v, target, coef = ctx.saved_tensors
     has_ref, reduction, backend = ctx.options
     return _bwd(grad_loss, v, target, coef, has_ref, reduction, backend), None, None, None, None, None, None, \
-        None, None, None
+        None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_loss_op(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction: str, backend: str):
+def fused_loss_op(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction: str, backend: str,
+                  keep: bool):
     """The compile-friendly twin of `functional.FusedLossFunction.apply` (same outputs plus coef)."""
-    return _fwd(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, _REDUCTIONS.index(reduction), backend)
+    return _fwd(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, _REDUCTIONS.index(reduction), backend,
+                keep)

@@ -11,7 +11,11 @@ Design (why two launches and not "gradient in the forward"):
            the two gradient coefficients a_i, c_i; the last row block to finish writes the reduced loss.
   backward grid (row blocks, splits): grad = g_i * (a_i v + c_i (v - t)), reading v and target once more
            and writing the gradient once, scaled by grad_output inside the kernel (no host sync).
-Bytes per full pass: read v, v_ref, t + read v, t + write grad = 6N. Computing the gradient in the forward
+Bytes per full pass: read v, v_ref, t + read v, t + write grad = 6N, of which the backward's 2N re-read can come
+from L2 rather than HBM: when a backward will follow (KEEP), the forward marks v and t "evict_last" in L2 and
+v_ref "evict_first", and the backward visits programs and each program's chunk in the reverse order, so it
+starts on the data the forward read last (the loss's backward is the first node autograd runs after its
+forward, in a trainer as in the benchmark). Computing the gradient in the forward
 (Liger-style) needs the full row norm before any element can be written, so it re-reads v and t too, and
 its backward must then multiply by grad_output (another read + write of N) or sync on grad_output == 1.
 The ticket scheme needs no cross-program wait, so the interpreter (programs run one after another) runs
@@ -34,6 +38,7 @@ _MAX_BLOCK_N = 4096
 _MAX_SPLITS = 256
 _PROGRAMS_PER_SM = 4  # split long rows until about this many programs per SM run
 _CPU_SMS = 2  # the interpreter's stand-in, so CPU tests take the split path too
+KEEP_POLICY = "evict_last"  # L2 policy of the forward's reads of v and target when a backward will re-read them
 
 
 @triton.jit
@@ -50,6 +55,7 @@ def _fwd_kernel(
     ng_lambda, margin, inv_n, out_scale,
     HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
     RELATIVE: tl.constexpr, SQUARED: tl.constexpr, REDUCE: tl.constexpr,
+    KEEP: tl.constexpr,  # L2 eviction policy of v and target: "evict_last" when the backward re-reads them, else ""
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -67,13 +73,16 @@ def _fwd_kernel(
     for off in range(start, end, BLOCK_N):
         c = off + cols
         mask = row_mask[:, None] & (c < end)[None, :]
-        v = tl.load(V + rows64[:, None] * stride_v + c[None, :], mask=mask, other=0.0).to(ACC)
+        v = tl.load(V + rows64[:, None] * stride_v + c[None, :], mask=mask, other=0.0,
+                    eviction_policy=KEEP).to(ACC)
         acc_vv += v * v
-        if HAS_R:
-            r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0).to(ACC)
+        if HAS_R:  # v_ref is read once: let it leave L2 first
+            r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
             acc_rr += r * r
         if HAS_T:
-            t = tl.load(T + rows64[:, None] * stride_t + c[None, :], mask=mask, other=0.0).to(ACC)
+            t = tl.load(T + rows64[:, None] * stride_t + c[None, :], mask=mask, other=0.0,
+                        eviction_policy=KEEP).to(ACC)
             d = v - t
             acc_dd += d * d
     part = PART + (rows64 * n_splits + pid_s) * 3
@@ -152,8 +161,9 @@ def _bwd_kernel(
     HAS_A: tl.constexpr, HAS_T: tl.constexpr, GO_PER_SAMPLE: tl.constexpr,
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # The reverse of the forward's order, programs and chunk alike: what the forward read last is still in L2.
+    pid_r = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_s = tl.num_programs(1) - 1 - tl.program_id(1)
     rows = pid_r * ROWS + tl.arange(0, ROWS)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
@@ -170,13 +180,16 @@ def _bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     start = pid_s.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, N)
-    for off in range(start, end, BLOCK_N):
-        col = off + cols
+    n_iter = tl.cdiv(end - start, BLOCK_N)
+    for i in range(0, n_iter):
+        col = start + (n_iter - 1 - i) * BLOCK_N + cols
         mask = row_mask[:, None] & (col < end)[None, :]
-        v = tl.load(V + rows64[:, None] * stride_v + col[None, :], mask=mask, other=0.0).to(ACC)
+        v = tl.load(V + rows64[:, None] * stride_v + col[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(ACC)  # last use
         grad = a[:, None] * v
         if HAS_T:
-            t = tl.load(T + rows64[:, None] * stride_t + col[None, :], mask=mask, other=0.0).to(ACC)
+            t = tl.load(T + rows64[:, None] * stride_t + col[None, :], mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
             grad += c[:, None] * (v - t)
         tl.store(G + rows64[:, None] * N + col[None, :], grad.to(G.dtype.element_ty), mask=mask)
 
@@ -245,9 +258,11 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, splits=None):
+def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, keep=False,
+                   splits=None):
     """Launch the forward. Inputs are [B, N] views with unit column stride. Returns
-    (loss, stats [3, B], coef [2, B]) in float32 (float64 for float64 v); loss is [B] or 0-d."""
+    (loss, stats [3, B], coef [2, B]) in float32 (float64 for float64 v); loss is [B] or 0-d.
+    keep: a backward will follow, so v and target are kept in L2 for it."""
     B, N = v2d.shape
     acc = torch.float64 if v2d.dtype == torch.float64 else torch.float32
     rows, block_n, n_rb, n_splits, chunk, num_warps = launch_config(B, N, v2d.device, splits)
@@ -268,7 +283,7 @@ def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, 
             B, N, chunk, n_splits, n_rb,
             float(ng_lambda), float(margin), 1.0 / N, (1.0 / B) if code == 1 else 1.0,
             HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None,
-            RELATIVE=bool(relative), SQUARED=bool(squared), REDUCE=code != 0,
+            RELATIVE=bool(relative), SQUARED=bool(squared), REDUCE=code != 0, KEEP=KEEP_POLICY if keep else "",
             ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n,
             BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_B=min(1024, triton.next_power_of_2(B)),
             num_warps=num_warps,

@@ -118,7 +118,7 @@ else:
             flags = {n: bool(k["flags"] >> i & 1) for i, n in enumerate(MANIFEST["flags"][kind])}
             constexprs = dict(ACC=ops.tl.float32, ROWS=tile.rows, BLOCK_N=tile.block_n)
             if kind == "fwd":
-                constexprs.update(BLOCK_S=tile.block_s, BLOCK_B=aot.BLOCK_B)
+                constexprs.update(BLOCK_S=tile.block_s, BLOCK_B=aot.BLOCK_B, **aot.FIXED_CONSTEXPRS)
             LAUNCHES.append(dict(candidates=[c["name"] for c in candidates], kernel=k, grid=(gx, gy, gz),
                                  block_x=block_x, shared=shared, scratch=scratch, args=dict(args)))
             getattr(ops, aot.KERNELS[kind])[(gx, gy, gz)](**args, **flags, **constexprs)

@@ -46,5 +46,5 @@ def test_compile_fullgraph_matches_eager(backend, device, case):
 @pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
 def test_opcheck(backend, device, reduction):
     v, t, r, w = make_inputs((3, 10), torch.float32, device)
-    args = (v.clone().requires_grad_(), t, r, w, 0.5, 0.0, False, True, reduction, backend)
+    args = (v.clone().requires_grad_(), t, r, w, 0.5, 0.0, False, True, reduction, backend, True)
     torch.library.opcheck(torch.ops.ngkernels.fused_loss_fwd.default, args)

@@ -2,7 +2,8 @@
 
 The interpreter runs kernels without compiling them, so it misses compile errors; triton.compile with an
 explicit GPUTarget runs the whole pipeline down to PTX and cubin. The PTX must use 128-bit loads and must not
-spill to local memory. The JIT's divisibility-by-16 hints for pointers and strides are reproduced.
+spill to local memory. The JIT's divisibility-by-16 hints for pointers and strides are reproduced. The L2
+cache hints that let the backward re-read v and target from L2 must reach the PTX.
 """
 
 import os
@@ -51,8 +52,17 @@ def _check_ptx(compiled, loads_expected=True):
     ptx = compiled.asm["ptx"]
     assert ".local" not in ptx, "register spills to local memory"
     if loads_expected:
-        assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), "no 128-bit vector loads"
+        assert re.search(r"ld\.global\S*\.v4\.", ptx), "no 128-bit vector loads"
     assert compiled.asm["cubin"], "no cubin"
+
+
+def _check_l2_hints(ptx, policies):
+    """The forward keeps v and target in L2 (evict_last) and lets v_ref go (evict_first); the backward's
+    re-reads are their last use (evict_first). Every 128-bit input load carries an L2 cache policy."""
+    made = set(re.findall(r"createpolicy\.fractional\.L2::(\w+)\.b64", ptx))
+    assert made == policies, f"L2 policies {made}, expected {policies}"
+    loads = re.findall(r"ld\.global\S*\.v4\.\S+", ptx)
+    assert loads and all(".L2::cache_hint" in ld for ld in loads), loads
 
 
 # every variant x dtype on the SD3.5 layout; the other tile configurations with the fused op in bf16 / fp32
@@ -69,14 +79,17 @@ def _compile_case(variant, problem, dtype, cc):
     ptr = "*" + TYPES[dtype]
     fwd = _compile(ops._fwd_kernel, dict(V=ptr, T=ptr, R=ptr, **FWD_ARGS),
                    dict(HAS_T=has_t, HAS_R=has_r, HAS_W=has_w, RELATIVE=rel, SQUARED=sq, REDUCE=red,
-                        ACC=tl.float32, ROWS=rows, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(n_splits),
-                        BLOCK_B=min(1024, triton.next_power_of_2(B))), cc, num_warps)
+                        KEEP=ops.KEEP_POLICY, ACC=tl.float32, ROWS=rows, BLOCK_N=block_n,
+                        BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_B=min(1024, triton.next_power_of_2(B))),
+                   cc, num_warps)
     _check_ptx(fwd)
+    _check_l2_hints(fwd.asm["ptx"], {"evict_last"} | ({"evict_first"} if has_r else set()))
     bwd = _compile(ops._bwd_kernel, dict(V=ptr, T=ptr, G=ptr, **BWD_ARGS),
                    dict(HAS_A=has_r, HAS_T=has_t, GO_PER_SAMPLE=not red, ACC=tl.float32, ROWS=rows,
                         BLOCK_N=block_n), cc, num_warps)
     _check_ptx(bwd)
     assert re.search(r"st\.global(\.\w+)*\.v4\.", bwd.asm["ptx"]), "no 128-bit vector stores of the gradient"
+    _check_l2_hints(bwd.asm["ptx"], {"evict_first"})
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

@@ -211,3 +211,31 @@ def test_tickets_are_left_zero(monkeypatch, device):
         v, target, v_ref, weight = make_inputs(shape, torch.float32, device)
         check_against_oracle("fm_normguard", v, target, v_ref, weight, dict(reduction=red), torch.float32)
         assert torch.count_nonzero(ops._TICKETS[ops._ticket_key(v.device)]) == 0
+
+
+def test_l2_hint_only_when_a_backward_follows(monkeypatch, device):
+    """The forward keeps v and target in L2 (an eviction policy: no effect on values) exactly when autograd
+    will run the backward that re-reads them; otherwise the hint would only crowd L2 for later kernels."""
+    from ngkernels.ops import fm_normguard as ops
+
+    monkeypatch.setenv("NGKERNELS_BACKEND", "triton")
+    policies = []
+    launch = ops._fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                policies.append(kwargs["KEEP"])
+                return launch[grid](*args, **kwargs)
+            return run
+
+    interpreted = ngkernels.functional.triton_interpreted()
+    monkeypatch.setattr(ops, "_fwd_kernel", Spy())
+    monkeypatch.setattr(ngkernels.functional, "triton_interpreted", lambda: interpreted)  # it looks at the kernel
+    v, target, v_ref, _ = make_inputs((2, 40), torch.float32, device)
+    ngkernels.fm_normguard_loss(v.detach().requires_grad_(), target, v_ref).backward()
+    with torch.no_grad():
+        ngkernels.fm_normguard_loss(v.detach().requires_grad_(), target, v_ref)
+    ngkernels.normguard_loss(v, v_ref)
+    ngkernels.flow_matching_loss(v.detach().requires_grad_(), target)
+    assert policies == [ops.KEEP_POLICY, "", "", ops.KEEP_POLICY]
