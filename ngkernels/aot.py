@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import re
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -231,7 +230,8 @@ def compile_spec(spec: Spec):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", DIVISIBILITY]] for n in hinted if n in sig}
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in constexprs}},
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options={"num_warps": tile.num_warps})
+    options = {"num_warps": tile.num_warps, "enable_fp_fusion": ops.FP_FUSION}
+    compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=options)
     md = compiled.metadata
     unsupported = {k: getattr(md, k) for k in ("launch_cooperative_grid", "launch_pdl", "global_scratch_size",
                                                "profile_scratch_size") if getattr(md, k)}
@@ -258,7 +258,6 @@ def compile_spec(spec: Spec):
 
 
 def _worker_init():
-    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     triton.knobs.compilation.disable_line_info = True  # 3x smaller cubins, same code
 
 

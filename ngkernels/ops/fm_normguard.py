@@ -38,6 +38,7 @@ _MAX_BLOCK_N = 4096
 _MAX_SPLITS = 256
 _PROGRAMS_PER_SM = 4  # split long rows until about this many programs per SM run
 _CPU_SMS = 2  # the interpreter's stand-in, so CPU tests take the split path too
+FP_FUSION = True  # FMA contraction, stated rather than left to Triton's default (which changes in 3.10)
 KEEP_POLICY = "evict_last"  # L2 policy of the forward's reads of v and target when a backward will re-read them
 
 
@@ -286,7 +287,7 @@ def triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, 
             RELATIVE=bool(relative), SQUARED=bool(squared), REDUCE=code != 0, KEEP=KEEP_POLICY if keep else "",
             ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n,
             BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_B=min(1024, triton.next_power_of_2(B)),
-            num_warps=num_warps,
+            num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return out, stats, coef
 
@@ -304,6 +305,7 @@ def triton_backward(grad_out, v2d, t2d, coef, has_ref, reduction, splits=None):
             v2d, t2d if has_t else v2d, grad, v2d.stride(0), t2d.stride(0) if has_t else 0,
             coef, go, B, N, chunk, (1.0 / B) if code == 1 else 1.0,
             HAS_A=bool(has_ref), HAS_T=has_t, GO_PER_SAMPLE=code == 0,
-            ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+            ACC=_acc_dtype(v2d.dtype), ROWS=rows, BLOCK_N=block_n,
+            num_warps=num_warps, enable_fp_fusion=FP_FUSION,
         )
     return grad

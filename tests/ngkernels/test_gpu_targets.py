@@ -45,7 +45,8 @@ def _compile(kernel, signature, constexprs, cc, num_warps):
     idx = fn.arg_names.index
     attrs = {(idx(k),): [["tt.divisibility", 16]] for k in ALIGNED if k in sig and sig[k] != "constexpr"}
     src = ASTSource(fn=fn, signature=sig, constexprs={(idx(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, "enable_fp_fusion": ops.FP_FUSION}
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
 def _check_ptx(compiled, loads_expected=True):
