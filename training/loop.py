@@ -3,7 +3,8 @@
 Each RL step: rollout (the method's sampling policy, ODE/SDE) -> reward -> per-prompt group advantages ->
 training items (method) -> the method's loss on forward-noised samples, micro-batched with gradient
 accumulation -> optimizer update (non-finite gradients skip it) -> the method's old/EMA/ref policy update ->
-log (CSV, TensorBoard) -> evaluation -> checkpoint (atomic, accelerate save_state).
+log (CSV, TensorBoard) -> evaluation -> checkpoint (atomic, accelerate save_state, trimmed to the weights
+training changes: training.checkpoint).
 
 Batch geometry is free: the P x G rollout slots are spread round-robin over however many processes run, each
 process samples its slots in chunks of rollout.batch_size, and the rewards are all-gathered so every
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from training.checkpoint import register_checkpoint_hooks
 from training.config import Config, diff_configs, dump_config, load_config
 from training.methods import build_method
 from training.methods.base import Item, TrainBatch, train_sigmas
@@ -158,6 +160,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay)
         self.ddp_model, self.optimizer = acc.prepare(self.model, optimizer)
+        register_checkpoint_hooks(acc, self.model)  # checkpoints hold what training changes, not frozen weights
         self.state = RunState()
         acc.register_for_checkpointing(self.state)
         self.sampler_sigmas = sigma_schedule(cfg.sampling.num_steps, cfg.sampling.shift)
@@ -424,7 +427,12 @@ class Trainer:
     # checkpoints
 
     def save_checkpoint(self, step: int) -> Path:
-        """accelerate save_state into a temporary folder, then an atomic rename to checkpoints/step-N."""
+        """accelerate save_state into a temporary folder, then an atomic rename to checkpoints/step-N.
+
+        The folder holds model.safetensors with only the weights training changes (`FlowModel.checkpoint_keys`:
+        the trained LoRA or transformer and the old / EMA / ref policies; not the frozen base weights or the
+        reference copy, which the Trainer rebuilds from the config), the optimizer, the RNG states and the
+        RunState (training.checkpoint)."""
         acc = self.accelerator
         root = self.run_dir / "checkpoints"
         final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"

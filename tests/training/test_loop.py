@@ -1,5 +1,6 @@
-"""The shared loop on the tiny toy: advantages over free batch geometry, exact resume, crash recovery,
-non-finite losses, 1 vs 2 processes (accelerate launch, gloo), logs, and the embedded default's CLI."""
+"""The shared loop on the tiny toy: advantages over free batch geometry, exact resume, trimmed checkpoints (no
+frozen weights, strict loading), crash recovery, non-finite losses, 1 vs 2 processes (accelerate launch, gloo),
+logs, and the embedded default's CLI."""
 
 from __future__ import annotations
 
@@ -56,17 +57,116 @@ def test_each_method_runs_and_logs(toy_cfg, method, extra):
     assert bool(list((cfg.run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == cfg.log.tensorboard
 
 
-def test_resume_continues_exactly(toy_cfg):
-    full = toy_cfg("train.steps=3", "log.run_name=full")
+@pytest.mark.parametrize("extra", [
+    (),  # LoRA + NFT: the checkpoint holds the trained adapter and the "old" adapter, not the base weights
+    ("finetune.mode=full", "method.name=awm"),  # the trained transformer and the "ema" copy, not the reference
+], ids=["lora-nft", "full-awm"])
+def test_resume_continues_exactly(toy_cfg, extra):
+    full = toy_cfg("train.steps=3", "log.run_name=full", *extra)
     Trainer(full).run()
-    part = toy_cfg("train.steps=1", "log.run_name=part")
+    part = toy_cfg("train.steps=1", "log.run_name=part", *extra)
     Trainer(part).run()
-    resumed = toy_cfg("train.steps=3", "log.run_name=part")
+    resumed = toy_cfg("train.steps=3", "log.run_name=part", *extra)
     Trainer(resumed, resume=True).run()
     a, b = rows(full.run_dir), rows(part.run_dir)
     assert [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"] and ra["reward_mean"] == rb["reward_mean"]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("mode, method, updated_policy", [("lora", "nft", "old"), ("full", "awm", "ema")])
+def test_a_checkpoint_holds_only_what_training_changes(toy_cfg, mode, method, updated_policy):
+    """model.safetensors holds the trained weights and the policy the method updates (NFT's "old", AWM's
+    "ema"), nothing frozen: no base weight under LoRA, no reference copy under full fine-tuning, no caption
+    encoder, no buffer. What it leaves out really is what a fresh build from the config gives back."""
+    from safetensors.torch import load_file
+
+    from training.methods import build_method
+    from training.models import build_model
+
+    cfg = toy_cfg("train.steps=1", f"finetune.mode={mode}", f"method.name={method}")
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    model = trainer.model
+    saved = load_file(str(summary.checkpoint / "model.safetensors"))
+    params = dict(model.named_parameters())
+    state = model.state_dict()
+    if mode == "lora":
+        expected = {n for n in params if ".lora_" in n and (".default." in n or f".{updated_policy}." in n)}
+        frozen = {n for n in params if ".lora_" not in n}  # the base transformer and the caption encoder
+    else:
+        expected = {n for n in params if n.startswith(("transformer.", f"frozen_copies.{updated_policy}."))}
+        frozen = {n for n in params if n.startswith(("frozen_copies.reference.", "captions."))}
+    assert frozen and all(not params[n].requires_grad for n in frozen)
+    assert set(saved) == expected
+    assert set(saved).isdisjoint(frozen) and set(saved).isdisjoint(dict(model.named_buffers()))
+    assert {n for n, p in params.items() if p.requires_grad} <= set(saved)
+    for name, tensor in saved.items():  # the values of the end of the run
+        assert torch.equal(tensor, state[name]), name
+    # the trained weights and the one policy that follows them, in a file of those tensors plus a small header
+    assert _tensor_bytes(saved.values()) == 2 * _tensor_bytes(model.trainable_parameters())
+    size = (summary.checkpoint / "model.safetensors").stat().st_size
+    assert _tensor_bytes(saved.values()) <= size < _tensor_bytes(saved.values()) + 32_000
+    whole = _tensor_bytes(state.values())
+    assert size < (0.15 if mode == "lora" else 0.7) * whole  # LoRA on SD3.5 / FLUX: far below 1%
+    # everything left out comes back unchanged from the config: trimming loses nothing a resume needs
+    fresh = build_model(cfg)
+    build_method(cfg).setup(fresh)
+    fresh_state = fresh.state_dict()
+    assert set(fresh_state) == set(state)
+    for name in set(state) - set(saved):
+        assert torch.equal(fresh_state[name], state[name]), name
+    # the final export: the trained policy only, in its library's format
+    if mode == "lora":  # peft adapter folder: the "default" adapter's LoRA tensors, no other adapter
+        files = sorted(p.name for p in summary.trained_weights.iterdir())
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        exported = load_file(str(summary.trained_weights / "adapter_model.safetensors"))
+        assert len(exported) == len(model.trainable_parameters())
+        for name, tensor in exported.items():  # peft drops the adapter name from the keys
+            ours = "transformer." + name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            assert torch.equal(tensor, state[ours]), name
+    else:  # diffusers model folder: the trained transformer, not the reference or EMA copies
+        exported = load_file(str(summary.trained_weights / "diffusion_pytorch_model.safetensors"))
+        assert set(exported) == set(model.transformer.state_dict())
+        for name, tensor in exported.items():
+            assert torch.equal(tensor, state[f"transformer.{name}"]), name
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(toy_cfg):
+    """Loading checks keys and shapes: another LoRA rank, method or fine-tuning mode is a clear error, and a
+    checkpoint carrying frozen weights beside the trained ones is refused too; nothing is loaded."""
+    summary = Trainer(toy_cfg("train.steps=1", "log.run_name=r8")).run()  # lora_r=8, NFT ("old" adapter)
+    checkpoint = str(summary.checkpoint)
+    # resume=<folder> from another run directory: no config.yaml comparison, only the checkpoint's own checks
+    with pytest.raises(ValueError, match=r"does not match this model \(finetune.mode=lora, lora_r=4.*"
+                                         r"shape mismatch.*lora_A.default.weight: saved \(8, "):
+        Trainer(toy_cfg("finetune.lora_r=4", "log.run_name=r4"), resume=checkpoint)
+    with pytest.raises(ValueError, match=r"key\(s\) the model does not have.*\.old\..*missing.*\.ema\."):
+        Trainer(toy_cfg("method.name=awm", "log.run_name=awm"), resume=checkpoint)
+    with pytest.raises(ValueError, match=r"finetune.mode=full.*key\(s\) the model does not have.*lora_"):
+        Trainer(toy_cfg("finetune.mode=full", "log.run_name=full"), resume=checkpoint)
+
+    from training.checkpoint import read_model_state
+
+    trainer = Trainer(toy_cfg("train.steps=1", "log.run_name=r8-again"))  # built, not trained
+    model = trainer.model
+    saved = read_model_state(checkpoint)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    base = next(n for n in before if ".lora_" not in n and n.startswith("transformer."))
+    with pytest.raises(ValueError, match=r"1 frozen weight\(s\)"):
+        model.load_checkpoint_state({**saved, base: before[base]})
+    (dropped, *_) = saved
+    with pytest.raises(ValueError, match=r"1 trained/updated weight\(s\) missing"):
+        model.load_checkpoint_state({k: v for k, v in saved.items() if k != dropped})
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())  # a refused load changes nothing
+    model.load_checkpoint_state(saved)
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in saved.items())
+    model.load_checkpoint_state(before)  # a full state_dict, as checkpoints were written before they were trimmed
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
 def test_a_crash_loses_only_the_steps_after_the_last_checkpoint(toy_cfg):
@@ -136,8 +236,8 @@ def test_two_processes_match_one(toy_cfg, tmp_path, toy_cache, method):
     (8 + 7), and the run equals the single-process one."""
     overrides = toy_overrides(tmp_path / "runs", toy_cache, f"method.name={method}", "rollout.group_size=5",
                               "train.batch_size=16", "log.checkpoint_every=0")
-    Trainer(toy_cfg(*overrides[:0], f"method.name={method}", "rollout.group_size=5", "train.batch_size=16",
-                    "log.checkpoint_every=0", "log.run_name=one")).run()
+    one_summary = Trainer(toy_cfg(*overrides[:0], f"method.name={method}", "rollout.group_size=5",
+                                  "train.batch_size=16", "log.checkpoint_every=0", "log.run_name=one")).run()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     result = run_cli([*overrides, "log.run_name=two"], launcher=launcher, timeout=600)
@@ -149,6 +249,16 @@ def test_two_processes_match_one(toy_cfg, tmp_path, toy_cache, method):
     for a, b in zip(one, two):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    # the DDP run's checkpoint holds the same trimmed keys (no "module." prefix) and loads in one process
+    from training.checkpoint import read_model_state
+
+    two_checkpoint = tmp_path / "runs" / "two" / "checkpoints" / "step-2"
+    saved = read_model_state(two_checkpoint)
+    assert sorted(saved) == sorted(read_model_state(one_summary.checkpoint))
+    resumed = Trainer(toy_cfg(f"method.name={method}", "rollout.group_size=5", "train.batch_size=16",
+                              "log.checkpoint_every=0", "log.run_name=two"), resume=True)
+    assert resumed.state.step == 2
+    assert all(torch.equal(t, resumed.model.state_dict()[n]) for n, t in saved.items())
 
 
 def test_embedded_default_cli_with_a_short_schedule(tmp_path, toy_cache):

@@ -83,13 +83,11 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
 
 
 def load_checkpoint_weights(model, checkpoint: Path) -> None:
-    """The trained model's weights from an accelerate checkpoint folder (model.safetensors)."""
-    from safetensors.torch import load_file
+    """The trained model's weights from a trainer checkpoint folder (model.safetensors: the weights training
+    changes, on top of the frozen ones `build_model` rebuilt), keys and shapes checked strictly."""
+    from training.checkpoint import load_model_state
 
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"{checkpoint}: no model.safetensors (not an accelerate checkpoint of this trainer?)")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    load_model_state(model, Path(checkpoint))
 
 
 def build_eval_model(cfg, checkpoint: str | None):

@@ -21,13 +21,17 @@ Fine-tuning (`configure_finetuning`, called once by `training.models.build_model
   are further peft adapters. peft's gaussian init sets lora_B = 0, so at start every policy equals the
   reference exactly.
 - "full": every transformer weight trains; the reference and each extra policy are frozen deep copies.
+
+Checkpoints (`checkpoint_keys`, `checkpoint_state_dict`, `load_checkpoint_state`; wired into accelerate by
+`training.checkpoint`) hold only the state training changes: the trained parameters and the extra policies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Sequence
+from collections import OrderedDict
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -259,6 +263,59 @@ class FlowModel(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         for p_src, p_dst in self._paired_parameters(src, dst):
             p_dst.lerp_(p_src.to(p_dst.dtype), 1.0 - decay)
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoint state: what training changes (the rest is rebuilt from the config)
+
+    def checkpoint_keys(self) -> list[str]:
+        """The state_dict keys that training changes, in state_dict order: the trained policy's parameters and
+        those of the extra policies the methods update (`copy_adapter` / `ema_update`: "old", "ema", "ref"; peft
+        adapters, or frozen copies under full fine-tuning). Everything else (base weights, the reference policy,
+        frozen helpers such as the toy's caption encoder, constant buffers such as positional embeddings) is
+        rebuilt identically by `build_model` + `Method.setup`, so a checkpoint need not hold it."""
+        changing = {id(p) for p in self.trainable_parameters()}
+        for name in self.adapter_names():
+            changing.update(id(dst) for _, dst in self._paired_parameters(DEFAULT_ADAPTER, name))
+        return [n for n, p in self.named_parameters() if id(p) in changing]
+
+    def checkpoint_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """The `checkpoint_keys()` entries of the state_dict (detached, no copy)."""
+        keys = set(self.checkpoint_keys())
+        return OrderedDict((n, p.detach()) for n, p in self.named_parameters() if n in keys)
+
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Loads a `checkpoint_state_dict()`, checked strictly: its keys must be exactly `checkpoint_keys()`
+        (so the keys it lacks are exactly the frozen ones, rebuilt from the config) with the model's shapes.
+        A full state_dict (every key of the model: checkpoints written before they were trimmed) loads too.
+        Anything else (another LoRA rank or target set, fine-tuning mode, method, model) is a ValueError
+        naming the differences, raised before any weight is touched."""
+        expected = self.checkpoint_keys()
+        model_state = self.state_dict()
+        saved = set(state)
+        full = saved == set(model_state)
+        problems = []
+        unknown = sorted(saved - set(model_state))
+        if unknown:
+            problems.append(f"{len(unknown)} key(s) the model does not have, e.g. {unknown[:3]}")
+        if not full:
+            lacking = [k for k in expected if k not in saved]
+            if lacking:
+                problems.append(f"{len(lacking)} trained/updated weight(s) missing, e.g. {lacking[:3]}")
+            frozen = sorted(saved & set(model_state) - set(expected))
+            if frozen:
+                problems.append(f"{len(frozen)} frozen weight(s) that only a full state_dict would hold, "
+                                f"e.g. {frozen[:3]}")
+        shapes = [f"{k}: saved {tuple(state[k].shape)}, model {tuple(model_state[k].shape)}"
+                  for k in sorted(saved & set(model_state)) if state[k].shape != model_state[k].shape]
+        if shapes:
+            problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
+        if problems:
+            lora = f", lora_r={self._lora_config.r}" if self.finetune_mode == "lora" else ""
+            raise ValueError(
+                f"{source} does not match this model (finetune.mode={self.finetune_mode}{lora}, extra policies "
+                f"{self.adapter_names()}, {len(expected)} trained/updated tensors): " + "; ".join(problems) +
+                ". Was it written with another model, fine-tuning mode, LoRA rank / targets or method?")
+        self.load_state_dict(state, strict=full)
 
     # ------------------------------------------------------------------------------------------------
     # Export
