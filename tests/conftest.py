@@ -8,6 +8,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+    # The interpreter of triton <= 3.6 (the GPU image's version) turns a scalar (a 1-element array) into a loop
+    # bound with int(), which numpy >= 2.4 rejects: "only 0-dimensional arrays can be converted to Python
+    # scalars" (triton-lang/triton#9171, fixed in later triton). Convert with .item(), as later triton does.
+    from triton.runtime import interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy24(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
+
 import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
