@@ -47,9 +47,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Optional[torch.Tensor]) -> SampleStats:
     """Norms and MSE of [B, N] views, accumulated in float32 (float64 for float64 inputs)."""
     acc = accumulation_dtype(v2d.dtype)
-    v_norm = torch.linalg.vector_norm(v2d, dim=1, dtype=acc)
-    ref_norm = None if ref2d is None else torch.linalg.vector_norm(ref2d, dim=1, dtype=acc)
-    mse = None if target2d is None else (v2d.to(acc) - target2d.to(acc)).square().mean(dim=1)
+    # upcast, then reduce: on CPU twice as fast for bf16 as vector_norm(..., dtype=acc)
+    v_norm = torch.linalg.vector_norm(v2d.to(acc), dim=1)
+    ref_norm = None if ref2d is None else torch.linalg.vector_norm(ref2d.to(acc), dim=1)
+    if target2d is None:
+        mse = None
+    elif torch.is_grad_enabled() and v2d.requires_grad:  # the oracle, differentiated by autograd
+        mse = (v2d.to(acc) - target2d.to(acc)).square().mean(dim=1)
+    else:  # the torch backend's forward: one temporary of the accumulation dtype
+        mse = target2d.to(acc, copy=True).neg_().add_(v2d).square_().mean(dim=1)
     return SampleStats(v_norm, ref_norm, mse)
 
 
