@@ -94,8 +94,17 @@ def plot_run(csv_path: str | Path, png_path: str | Path, title: str = "", eval_b
     ax_n.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lays out, writes (creating its folder) and closes a matplotlib figure: every PNG of the trainer and the
+    analysis goes through here."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return png_path
+    return path

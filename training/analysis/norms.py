@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from training.analysis.io import pyplot, write_csv
 from training.analysis.trajectory import Trace, repeat_prompts, traced_sample
+from training.tracking import save_figure
 
 
 def ratio_rows(trace: Trace) -> list[dict]:
@@ -62,12 +62,7 @@ def plot_ratio_by_timestep(curves: dict[str, list[dict]], path: str | Path, titl
     ax.set_ylabel("||v_theta|| / ||v_ref||  (mean, 10-90 % band)")
     ax.set_title(title or "norm ratio along the policy's sampling trajectory")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def norm_ratio_over_training(run_dirs, out_png: str | Path | None = None, title: str = "") -> dict[str, list[dict]]:
@@ -112,9 +107,5 @@ def norm_ratio_over_training(run_dirs, out_png: str | Path | None = None, title:
         axes.flat[len(curves) - 1].legend(fontsize=7)
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        out_png = Path(out_png)
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_png)
     return curves

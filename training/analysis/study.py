@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
 from training.analysis.io import pyplot, write_csv
 from training.analysis.quality import FeatureNetSpec, ToyQuality, frechet_distance, load_or_train_feature_net
+from training.tracking import save_figure
 
 METHODS = ("nft", "awm", "dpo")
 NG_STATES = ("off", "on")
@@ -490,9 +491,7 @@ def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_i
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("||v_theta|| / ||v_ref|| (mean, 10-90 %)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "norm_ratio_by_timestep.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "norm_ratio_by_timestep.png")
     # 2. the trainer's logged ratio over training
     norm_ratio_over_training({f"{m} NG-{ng} s{s}": info["run_dir"] for (m, ng, s), info in sorted(train_info.items())},
                              out_dir / "norm_ratio_over_training.png")
@@ -513,9 +512,7 @@ def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_i
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"eval reward (trailing mean {meta['match_window']})")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "reward_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "reward_curves.png")
     # 4. few-step: reward and FD vs steps
     fig, (ax_r, ax_q) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key in [REFERENCE] + finals:
@@ -529,9 +526,7 @@ def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_i
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_q.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_dir / "few_step.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "few_step.png")
     # 5. adjoint coherence per step
     if adjoint_rows:
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -545,9 +540,7 @@ def _plots(out_dir, rows, ratio_rows_all, adjoint_rows, logged, matches, train_i
         ax.set_ylabel("mean / std of dR/d alpha_k over the batch")
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "adjoint_coherence.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / "adjoint_coherence.png")
 
 
 # ------------------------------------------------------------------------------------------------------
