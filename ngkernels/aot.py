@@ -111,7 +111,7 @@ def kernel_params(name):
 
 
 def flag_names(kind):
-    """The kernel's boolean constexpr flags, in its order (everything but the tile constexprs)."""
+    """The kernel's boolean constexpr flags, in its order (everything but the tile and fixed constexprs)."""
     _, constexpr = kernel_params(KERNELS[kind])
     names = [n for n in constexpr if n not in TILE_CONSTEXPRS and n not in FIXED_CONSTEXPRS]
     sample = next(FLAG_SETS[kind]())
