@@ -8,11 +8,11 @@ from ngkernels.functional import normguard_loss
 from ngkernels.functional import velocity_norms
 from ngkernels.modules import FlowMatchingLoss
 from ngkernels.modules import FMNormGuardLoss
-from ngkernels.modules import NormGuardLoss
+from ngkernels.modules import NormGuard, NormGuardLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "normguard_loss", "flow_matching_loss", "fm_normguard_loss", "velocity_norms", "LossStats",
-    "NormGuardLoss", "FlowMatchingLoss", "FMNormGuardLoss",
+    "NormGuardLoss", "FlowMatchingLoss", "FMNormGuardLoss", "NormGuard",
 ]
