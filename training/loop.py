@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from training.checkpoint import register_checkpoint_hooks
 from training.config import Config, diff_configs, dump_config, load_config
 from training.methods import build_method
-from training.methods.base import Item, TrainBatch, train_sigmas
+from training.methods.base import Item, TrainBatch
 from training.models import build_model
 from training.rewards import build_reward
-from training.sampling import policy_velocity, sample, sigma_schedule
+from training.sampling import policy_velocity, sample, sigma_schedule, train_sigmas
+from training.step_metrics import StepMetrics
 from training.tracking import CSVTracker, plot_run
 
 # stream tags for seeded generators
@@ -60,6 +61,17 @@ def group_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, std: str =
     elif std != "group":
         raise ValueError(f"std must be 'global' or 'group', got {std!r}")
     return (adv / (scale + 1e-4)).float()
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of one process: its (global index, item) pairs, the weight of each of its rows (0 for the
+    padding that keeps every process on the same number of micro-batches) and the real rows of its optimizer
+    update over all processes (the loss is a mean over those)."""
+
+    chunk: list[tuple[int, Item]]
+    weight: torch.Tensor  # [items x timesteps], 1 (real) or 0 (padding)
+    real_rows: int
 
 
 @dataclass
@@ -324,10 +336,10 @@ class Trainer:
 
     def _batch(self, chunk: list[tuple[int, Item]], latents: dict, cond_prompts: list[str], step: int,
                epoch: int) -> TrainBatch:
-        m = self.method.method_cfg
-        T, k = m.num_timesteps, self.method.slots_per_item
+        T, k = self.method.num_timesteps, self.method.slots_per_item
         gens = [seeded_generator(self.cfg.train.seed, _TRAIN, step, epoch, idx) for idx, _ in chunk]
-        sigmas = train_sigmas(m.timesteps, len(chunk), T, self.sampler_sigmas, self.cfg.sampling.shift, gens)
+        sigmas = train_sigmas(self.method.timestep_scheme, len(chunk), T, self.sampler_sigmas,
+                              self.cfg.sampling.shift, gens)
         noise = torch.stack([torch.randn((T, *self.model.latent_shape), generator=g) for g in gens])  # [I, T, ...]
         device = self.accelerator.device
         slots = [it.slots for _, it in chunk]
@@ -343,85 +355,83 @@ class Trainer:
                           slots_per_item=k)
 
     def train_on(self, items: list[Item], latents: dict, slot_prompts: list[str], step: int) -> dict:
-        cfg, acc, method = self.cfg, self.accelerator, self.method
-        world, bs, accum = acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum
-        T, k = method.method_cfg.num_timesteps, method.slots_per_item
-        if k > 1 and world > 1:  # pairs may span processes: every process gets every latent
-            latents = dict(self._gather([(j, x.cpu()) for j, x in latents.items()]))
-            latents = {j: x.to(acc.device) for j, x in latents.items()}
-        sums = {"loss": 0.0, **{t: 0.0 for t in method.term_names}, "rows": 0.0, "grad_norm": 0.0, "updates": 0.0,
-                "skipped": 0.0, "nonfinite": 0.0}
-        ratio_sum = torch.zeros(len(self.bucket_names) + 1, dtype=torch.float64)
-        ratio_count = torch.zeros_like(ratio_sum)
-        params = self.model.trainable_parameters()
-        for epoch in range(cfg.train.inner_epochs):
-            mine, counts = self._assign(items, step, epoch)
-            per_update = bs * accum
-            n_micro = math.ceil(max(counts) / per_update) * accum if items else 0
-            # pad with zero-weight copies so every process runs the same number of micro-batches (DDP)
-            real = [1.0] * len(mine) + [0.0] * (n_micro * bs - len(mine))
-            filler = mine[:1] or [(0, Item((next(iter(latents)),) * k, 0.0))]
-            padded = mine + [filler[0]] * (n_micro * bs - len(mine))
-            bar = tqdm(total=n_micro, desc=f"train {step}", leave=False, disable=not self.progress, unit="batch",
-                       dynamic_ncols=True)
-            for micro in range(n_micro):
-                update = micro // accum
-                lo, hi = update * per_update, (update + 1) * per_update
-                real_rows = sum(min(max(c - lo, 0), hi - lo) for c in counts) * T  # all processes, this update
-                chunk = padded[micro * bs:(micro + 1) * bs]
-                weight = torch.tensor(real[micro * bs:(micro + 1) * bs], device=acc.device).repeat_interleave(T)
-                batch = self._batch(chunk, latents, slot_prompts, step, epoch)
-                with acc.accumulate(self.ddp_model):
-                    with acc.autocast():
-                        out = method.loss(batch, self.ddp_model, self.model)
-                    loss = (out.loss.float() * weight).sum() * (world * accum / max(real_rows, 1))
-                    if not torch.isfinite(loss):
-                        sums["nonfinite"] += 1
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                        if grad_norm is None:  # DeepSpeed clips (and skips overflowing steps) itself
-                            self.optimizer.step()
-                            sums["updates"] += 1
-                        elif torch.isfinite(grad_norm):
-                            self.optimizer.step()
-                            sums["grad_norm"] += float(grad_norm)
-                            sums["updates"] += 1
-                        else:  # NaN/inf anywhere (all-reduced, so every process agrees): skip this update
-                            sums["skipped"] += 1
-                        self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    w = weight.double().cpu()
-                    sums["rows"] += float(w.sum())
-                    sums["loss"] += float((out.loss.detach().double().cpu() * w).nan_to_num().sum())
-                    for name in method.term_names:
-                        sums[name] += float((out.terms[name].double().cpu() * w).nan_to_num().sum())
-                    rw = w.repeat_interleave(k)
-                    ratio = (out.v_norm.double() / out.ref_norm.double().clamp_min(1e-12)).cpu()
-                    bucket = torch.bucketize(batch.sigma.cpu().double(), self.buckets[1:-1].double())
-                    ratio_sum[0] += float((ratio * rw).sum())
-                    ratio_count[0] += float(rw.sum())
-                    ratio_sum[1:].index_add_(0, bucket, ratio * rw)
-                    ratio_count[1:].index_add_(0, bucket, rw)
+        """One RL step's training on its items: every inner epoch's micro-batches (loss, backward, and an optimizer
+        update every grad_accum of them), then the step's logged statistics, reduced over all processes."""
+        method = self.method
+        latents = self._share_latents(latents)
+        metrics = StepMetrics(method.term_names, self.buckets, self.bucket_names)
+        for epoch in range(self.cfg.train.inner_epochs):
+            micro_batches = self._micro_batches(items, latents, step, epoch)
+            bar = tqdm(total=len(micro_batches), desc=f"train {step}", leave=False, disable=not self.progress,
+                       unit="batch", dynamic_ncols=True)
+            for micro in micro_batches:
+                batch = self._batch(micro.chunk, latents, slot_prompts, step, epoch)
+                out = self._accumulate(batch, micro, metrics)
+                metrics.add(out, batch.sigma, micro.weight, method.slots_per_item)
                 bar.update(1)
             bar.close()
-        # one reduction per step for the logs
-        keys = list(sums)
-        local = torch.tensor([sums[k_] for k_ in keys] + ratio_sum.tolist() + ratio_count.tolist(), dtype=torch.float64)
-        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if world > 1 else local
-        sums = dict(zip(keys, total[: len(keys)].tolist()))
-        n_b = len(self.bucket_names) + 1
-        rs, rc = total[len(keys): len(keys) + n_b], total[len(keys) + n_b:]
-        rows = max(sums["rows"], 1.0)
-        stats = {"loss": sums["loss"] / rows, **{t: sums[t] / rows for t in method.term_names}}
-        stats["norm_ratio"] = float(rs[0] / rc[0]) if rc[0] > 0 else math.nan
-        for name, s, c in zip(self.bucket_names, rs[1:].tolist(), rc[1:].tolist()):
-            stats[name] = s / c if c > 0 else math.nan
-        updates = sums["updates"] / world
-        stats["grad_norm"] = sums["grad_norm"] / world / updates if updates else math.nan
-        stats["skipped_updates"] = sums["skipped"] / world
-        stats["nonfinite_losses"] = sums["nonfinite"]
-        return stats
+        return metrics.reduce(self.accelerator)
+
+    def _share_latents(self, latents: dict) -> dict:
+        """Items of several slots (DPO's pairs) may span processes: then every process gets every latent."""
+        acc = self.accelerator
+        if self.method.slots_per_item == 1 or acc.num_processes == 1:
+            return latents
+        latents = dict(self._gather([(j, x.cpu()) for j, x in latents.items()]))
+        return {j: x.to(acc.device) for j, x in latents.items()}
+
+    def _micro_batches(self, items: list[Item], latents: dict, step: int, epoch: int) -> list[MicroBatch]:
+        """This process's items of one epoch cut into micro-batches of train.batch_size items.
+
+        Every process runs the same number of micro-batches (DDP all-reduces each backward): the shorter ones are
+        padded with zero-weight copies of an item. `real_rows` counts the real rows of the micro-batch's whole
+        optimizer update over all processes, so the update's gradient is the mean over those rows."""
+        acc, cfg = self.accelerator, self.cfg
+        bs, accum = cfg.train.batch_size, cfg.train.grad_accum
+        T, k = self.method.num_timesteps, self.method.slots_per_item
+        mine, counts = self._assign(items, step, epoch)
+        per_update = bs * accum
+        n_micro = math.ceil(max(counts) / per_update) * accum if items else 0
+        real = [1.0] * len(mine) + [0.0] * (n_micro * bs - len(mine))
+        filler = mine[:1] or [(0, Item((next(iter(latents)),) * k, 0.0))]
+        padded = mine + [filler[0]] * (n_micro * bs - len(mine))
+        out = []
+        for micro in range(n_micro):
+            update = micro // accum
+            lo, hi = update * per_update, (update + 1) * per_update
+            real_rows = sum(min(max(c - lo, 0), hi - lo) for c in counts) * T  # all processes, this update
+            weight = torch.tensor(real[micro * bs:(micro + 1) * bs], device=acc.device).repeat_interleave(T)
+            out.append(MicroBatch(padded[micro * bs:(micro + 1) * bs], weight, real_rows))
+        return out
+
+    def _accumulate(self, batch: TrainBatch, micro: MicroBatch, metrics: StepMetrics):
+        """The method's loss on one micro-batch and its backward; at the last micro-batch of an update, gradient
+        clipping and the optimizer step, skipped (and counted) when the gradient is not finite. -> LossOutput."""
+        acc = self.accelerator
+        scale = acc.num_processes * self.cfg.train.grad_accum / max(micro.real_rows, 1)
+        with acc.accumulate(self.ddp_model):
+            with acc.autocast():
+                out = self.method.loss(batch, self.ddp_model, self.model)
+            loss = (out.loss.float() * micro.weight).sum() * scale
+            if not torch.isfinite(loss):
+                metrics.count("nonfinite")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                self._optimizer_step(metrics)
+        return out
+
+    def _optimizer_step(self, metrics: StepMetrics) -> None:
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.train.max_grad_norm)
+        if grad_norm is None:  # DeepSpeed clips (and skips overflowing steps) itself
+            self.optimizer.step()
+            metrics.count("updates")
+        elif torch.isfinite(grad_norm):
+            self.optimizer.step()
+            metrics.count("grad_norm", float(grad_norm))
+            metrics.count("updates")
+        else:  # NaN/inf anywhere (all-reduced, so every process agrees): skip this update
+            metrics.count("skipped")
+        self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints

@@ -18,15 +18,20 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ode", "sde")
 
 
+def time_shift(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift, sigma' = shift*s / (1 + (shift-1)*s), in s's dtype: shift > 1 moves the sigmas towards
+    the noise end. The one definition, used by the sampler's schedule and by the training timesteps."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def sigma_schedule(num_steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
-    """num_steps + 1 sigmas from 1 to 0 (float32), time-shifted as SD3: shift*s / (1 + (shift-1)*s)."""
+    """num_steps + 1 sigmas from 1 to 0 (float32), time-shifted as SD3 (`time_shift`, computed in float64)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    s = shift * s / (1 + (shift - 1) * s)
-    return s.to(device=device, dtype=torch.float32)
+    return time_shift(s, shift).to(device=device, dtype=torch.float32)
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -40,6 +45,41 @@ def sde_step(x, v, sigma: float, sigma_next: float, sigma_max: float, noise_leve
     std = (sigma / (1 - (sigma_max if sigma == 1.0 else sigma))) ** 0.5 * noise_level
     mean = x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
     return mean + std * (-dt) ** 0.5 * noise
+
+
+def train_sigmas(scheme: str, num_items: int, num_timesteps: int, sampler_sigmas: torch.Tensor, shift: float,
+                 generators: list[torch.Generator]) -> torch.Tensor:
+    """[num_items, num_timesteps] training sigmas, one generator per item (so items are reproducible anywhere).
+
+    The schedules the methods train at live here, next to the sampler's: two of them pick among the rollout
+    sampler's own sigmas, the other two use its time shift. A method names its scheme in its config section
+    (`timesteps`, see training.methods.base.MethodSection).
+
+    sampler:      distinct random picks among the rollout sampler's sigmas (without the final 0)  (NFT)
+    stratified:   one pick per stratum of the sampler's step indices [1, int(0.9 n)]              (AWM)
+    logit_normal: sigmoid(N(0, 1)), time-shifted like the sampler                               (Flow-DPO)
+    uniform:      U(0, 1), time-shifted like the sampler
+    """
+    grid = sampler_sigmas[:-1].cpu()
+    rows = []
+    for g in generators:
+        if scheme == "sampler":
+            if num_timesteps > len(grid):
+                raise ValueError(f"num_timesteps ({num_timesteps}) exceeds the sampler's {len(grid)} steps")
+            rows.append(grid[torch.randperm(len(grid), generator=g)[:num_timesteps]])
+        elif scheme == "stratified":
+            lo, hi = (1, max(1, int(len(grid) * 0.9))) if len(grid) > 1 else (0, 0)
+            edges = torch.linspace(lo, hi + 1, num_timesteps + 1)
+            u = torch.rand(num_timesteps, generator=g)
+            idx = (edges[:-1] + u * (edges[1:] - edges[:-1])).long().clamp(lo, hi)
+            rows.append(grid[idx])
+        elif scheme in ("logit_normal", "uniform"):
+            u = torch.sigmoid(torch.randn(num_timesteps, generator=g)) if scheme == "logit_normal" \
+                else torch.rand(num_timesteps, generator=g).clamp(1e-4, 1 - 1e-4)
+            rows.append(time_shift(u, shift))
+        else:
+            raise ValueError(f"unknown timestep scheme {scheme!r}")
+    return torch.stack(rows) if rows else torch.zeros(0, num_timesteps)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""What every RL method shares: the training batch, the method interface, the NormGuard term, timestep schemes.
+"""What every RL method shares: the training batch, the method interface and its config contract, the NormGuard
+term. (The timestep schemes the loop trains at live with the sampler's schedule: training.sampling.train_sigmas.)
 
 A method turns a batch of forward-noised rollout samples into per-item losses. Every squared error and every
 hinge goes through the ngkernels ops (`flow_matching_loss`, `fm_normguard_loss`); the methods only combine
@@ -10,7 +11,7 @@ MSE where it has one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -67,21 +68,49 @@ class Item:
     advantage: float
 
 
-class Method:
-    """Interface of an RL method over the shared loop (training/loop.py)."""
+@runtime_checkable
+class MethodSection(Protocol):
+    """What the shared loop reads from every method's config section `method.<name>` (NFTConfig, AWMConfig,
+    DPOConfig ...): the timestep scheme of training.sampling.train_sigmas and the timesteps per item. A method's
+    own keys sit next to these two; `Method.__init__` checks the section has them."""
 
-    name: str = ""
-    term_names: tuple[str, ...] = ()
-    slots_per_item: int = 1
+    timesteps: str
+    num_timesteps: int
+
+
+class Method:
+    """Interface of an RL method over the shared loop (training/loop.py).
+
+    The loop reads the class attributes (`name`, `term_names`, `slots_per_item`), the timesteps to train at
+    (`timestep_scheme`, `num_timesteps`, from the method's config section) and calls the hooks below in the
+    order setup -> (rollout_policy, make_items, loss, after_step) per RL step."""
+
+    name: str = ""  # also the name of the method's config section, cfg.method.<name>
+    term_names: tuple[str, ...] = ()  # the keys of LossOutput.terms, logged per step
+    slots_per_item: int = 1  # rollout slots per training item (DPO: 2, the winner and the loser)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.ng = cfg.normguard
+        section = getattr(cfg.method, self.name, None)
+        if not isinstance(section, MethodSection):
+            raise TypeError(f"method {self.name!r}: cfg.method.{self.name} must be a config section with "
+                            f"`timesteps` and `num_timesteps` (training.methods.base.MethodSection), got {section!r}")
 
-    # the timesteps the method trains on (its config section has `timesteps` and `num_timesteps`)
     @property
-    def method_cfg(self):
+    def method_cfg(self) -> MethodSection:
+        """This method's config section, cfg.method.<name>: its own keys plus the MethodSection contract."""
         return getattr(self.cfg.method, self.name)
+
+    @property
+    def timestep_scheme(self) -> str:
+        """How the loop draws the training sigmas of an item (training.sampling.train_sigmas)."""
+        return self.method_cfg.timesteps
+
+    @property
+    def num_timesteps(self) -> int:
+        """Sigmas per item: each item becomes num_timesteps x slots_per_item rows of a TrainBatch."""
+        return self.method_cfg.num_timesteps
 
     def setup(self, model: FlowModel) -> None:
         """Adds the extra policies the method needs (before accelerate wraps the model)."""
@@ -135,34 +164,3 @@ def normguard_term(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: N
 def clipped_advantages(advantages: torch.Tensor, clip: float) -> torch.Tensor:
     """clamp(A, -clip, clip) / clip, in [-1, 1] (NFT and AWM both start from this)."""
     return advantages.clamp(-clip, clip) / clip
-
-
-def train_sigmas(scheme: str, num_items: int, num_timesteps: int, sampler_sigmas: torch.Tensor, shift: float,
-                 generators: list[torch.Generator]) -> torch.Tensor:
-    """[num_items, num_timesteps] training sigmas, one generator per item (so items are reproducible anywhere).
-
-    sampler:      distinct random picks among the rollout sampler's sigmas (without the final 0)  (NFT)
-    stratified:   one pick per stratum of the sampler's step indices [1, int(0.9 n)]              (AWM)
-    logit_normal: sigmoid(N(0, 1)), time-shifted like the sampler                               (Flow-DPO)
-    uniform:      U(0, 1), time-shifted like the sampler
-    """
-    grid = sampler_sigmas[:-1].cpu()
-    rows = []
-    for g in generators:
-        if scheme == "sampler":
-            if num_timesteps > len(grid):
-                raise ValueError(f"num_timesteps ({num_timesteps}) exceeds the sampler's {len(grid)} steps")
-            rows.append(grid[torch.randperm(len(grid), generator=g)[:num_timesteps]])
-        elif scheme == "stratified":
-            lo, hi = (1, max(1, int(len(grid) * 0.9))) if len(grid) > 1 else (0, 0)
-            edges = torch.linspace(lo, hi + 1, num_timesteps + 1)
-            u = torch.rand(num_timesteps, generator=g)
-            idx = (edges[:-1] + u * (edges[1:] - edges[:-1])).long().clamp(lo, hi)
-            rows.append(grid[idx])
-        elif scheme in ("logit_normal", "uniform"):
-            u = torch.sigmoid(torch.randn(num_timesteps, generator=g)) if scheme == "logit_normal" \
-                else torch.rand(num_timesteps, generator=g).clamp(1e-4, 1 - 1e-4)
-            rows.append(shift * u / (1 + (shift - 1) * u))
-        else:
-            raise ValueError(f"unknown timestep scheme {scheme!r}")
-    return torch.stack(rows) if rows else torch.zeros(0, num_timesteps)
