@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TRACKERS = ("csv", "tensorboard", "wandb")  # log.trackers: csv is always on (training.tracking)
 DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
 
 
@@ -143,11 +145,27 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Flow-GRPO (yifan123/flow_grpo train_sd3.py) and Flow-GRPO-Fast (train_sd3_fast.py): PPO on the SDE
+    rollout's own transitions (always the SDE sampler, with sampling.noise_level; training/methods/grpo.py)."""
+
+    clip_range: float = 1e-4  # PPO clip of the ratio (authors: 1e-4; 1e-5 for the Fast / no-CFG configs)
+    adv_clip_max: float = 5.0  # advantages clamped to [-5, 5]
+    kl_beta: float = 0.04  # kl_beta * mean((mu - mu_ref)^2) / (2 std^2) (authors: 0.04 ocr/geneval, 0.01 pickscore)
+    timestep_fraction: float = 0.99  # trained transitions per image: ceil(fraction * stochastic steps)
+    sde_window: int = 0  # 0: Flow-GRPO (every step but the last stochastic); w: Flow-GRPO-Fast, w SDE steps
+    sde_window_range_end: int = 0  # Fast: the window starts in [0, end - w]; 0: num_steps // 2 (authors)
+    timesteps: Literal["rollout"] = "rollout"  # the rollout's own transitions (no train_sigmas scheme)
+    num_timesteps: int = 0  # > 0 overrides timestep_fraction: trained transitions per image and inner epoch
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["nft", "awm", "dpo"] = "nft"
+    name: Literal["nft", "awm", "dpo", "grpo"] = "nft"
     nft: NFTConfig = field(default_factory=NFTConfig)
     awm: AWMConfig = field(default_factory=AWMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 @dataclass
@@ -180,7 +198,8 @@ class LogConfig:
     checkpoint_every: int = 10  # steps (0: only at the end)
     keep_checkpoints: int = 2
     ratio_buckets: int = 4  # sigma buckets for the logged norm ratio ||v||/||v_ref||
-    tensorboard: bool = True
+    tensorboard: bool = True  # superseded by trackers; removed once the loop reads log.trackers
+    trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # csv (always on), tensorboard, wandb
     progress: bool = True  # tqdm bars
 
 
@@ -233,6 +252,9 @@ RANGES = {
     "method.awm.ema_decay_rate": _NON_NEGATIVE, "method.awm.ema_decay_max": _UNIT,
     "method.awm.num_timesteps": _AT_LEAST_1,
     "method.dpo.beta": _POSITIVE, "method.dpo.ref_update_every": _NON_NEGATIVE, "method.dpo.num_timesteps": _AT_LEAST_1,
+    "method.grpo.clip_range": _POSITIVE, "method.grpo.adv_clip_max": _POSITIVE, "method.grpo.kl_beta": _NON_NEGATIVE,
+    "method.grpo.timestep_fraction": (lambda x: 0 < x <= 1, "in (0, 1]"), "method.grpo.sde_window": _NON_NEGATIVE,
+    "method.grpo.sde_window_range_end": _NON_NEGATIVE, "method.grpo.num_timesteps": _NON_NEGATIVE,
     "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
     "train.inner_epochs": _AT_LEAST_1, "train.lr": _POSITIVE, "train.weight_decay": _NON_NEGATIVE,
     "train.max_grad_norm": _POSITIVE, "train.num_threads": _NON_NEGATIVE,
@@ -315,14 +337,52 @@ def _merge(node, data: dict, prefix: str) -> None:
             setattr(node, key, _coerce(dotted, value, tp))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false are booleans. YAML 1.1 (PyYAML's default) also reads
+    yes/no/on/off as booleans, so `train.mixed_precision: no` became False and was refused."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _is_text(tp) -> bool:
+    """A string-typed field (str, a Literal of strings, list[str]): an override's text is taken as given."""
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    return typing.get_origin(tp) is list and typing.get_args(tp) == (str,)
+
+
+def _read_value(raw: str, tp) -> Any:
+    """An override's value: YAML, except that a string-typed key takes the text as given (`log.run_name=1e-4`
+    is the name "1e-4"; a list of strings `[a, no]` holds the strings "a" and "no")."""
+    if not raw.strip():
+        return ""
+    if tp is not None and _is_text(tp):
+        if typing.get_origin(tp) is list:
+            return yaml.load(raw, Loader=yaml.BaseLoader)  # every scalar a string
+        return raw.strip()
+    return _load_yaml(raw)
+
+
 def apply_override(cfg: Config, override: str) -> None:
-    """One `a.b.c=value` override; the value is read as YAML (1e-4, true, [a, b], null ...)."""
+    """One `a.b.c=value` override; the value is read as YAML (1e-4, true, [a, b], null ...), except for string-typed
+    keys, which take the text as given."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like key=value (e.g. train.steps=10)")
     key, raw = override.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _read_value(raw, _field_type(cfg, key))
     except yaml.YAMLError as err:
         raise ValueError(f"override {override!r}: cannot read the value: {err}") from None
     node, parts = cfg, key.split(".")
@@ -343,6 +403,20 @@ def apply_override(cfg: Config, override: str) -> None:
         node = getattr(node, part)
         if not (dataclasses.is_dataclass(node) or isinstance(node, dict)):
             raise ValueError(f"config key {dotted!r} is a value, not a section; cannot set {key!r}")
+
+
+def _field_type(cfg: Config, dotted: str):
+    """The annotated type of a dotted key, or None (unknown key, a section, or inside a free-form mapping)."""
+    node = type(cfg)
+    tp = None
+    for part in dotted.split("."):
+        if node is None or not dataclasses.is_dataclass(node):
+            return None
+        tp = _fields(node).get(part)
+        if tp is None:
+            return None
+        node = tp if dataclasses.is_dataclass(tp) else None
+    return None if dataclasses.is_dataclass(tp) else tp
 
 
 def _get(cfg: Config, dotted: str):
@@ -371,6 +445,9 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"model.type={cfg.model.type!r} needs model.path (a local diffusers pipeline folder)")
     if cfg.reward.name not in REWARDS:
         raise ValueError(f"config key 'reward.name' must be one of {sorted(REWARDS)}, got {cfg.reward.name!r}")
+    unknown = [t for t in cfg.log.trackers if t not in TRACKERS]
+    if unknown:
+        raise ValueError(f"config key 'log.trackers': unknown tracker(s) {unknown}; known: {list(TRACKERS)}")
     if cfg.rollout.prompt_file and not Path(cfg.rollout.prompt_file).is_file():
         raise ValueError(f"rollout.prompt_file {cfg.rollout.prompt_file!r} does not exist")
     if cfg.model.type != "toy" and not (cfg.rollout.prompts or cfg.rollout.prompt_file):
@@ -389,7 +466,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError(f"config file {str(path)!r} not found (nor {str(candidate)!r})")
         path = candidate
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = _load_yaml(f) or {}
     _merge(cfg, data, "")
     for override in overrides:
         apply_override(cfg, override)

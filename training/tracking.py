@@ -1,12 +1,65 @@
-"""Run logs: a CSV tracker for accelerate (next to its TensorBoard tracker) and the end-of-run plot."""
+"""Run logs: the trackers of `log.trackers` (a CSV tracker, always on, plus accelerate's TensorBoard and wandb
+trackers), images to every tracker that takes them, and the end-of-run plot.
+
+Why accelerate's tracker API: the same `log` / `log_images` calls reach every tracker, only the main process
+writes, and a further tracker (mlflow, aim ...) is one more entry here. accelerate silently drops a tracker
+whose package is missing (a debug log line), so `check_trackers` turns that into a config error before any
+work starts.
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
+
+# tracker name -> the package it needs (csv needs none)
+TRACKER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+WANDB_PROJECT = "ngkernels"
+
+
+def check_trackers(names) -> None:
+    """ValueError naming the tracker and the package when a tracker of `log.trackers` cannot be imported."""
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"log.trackers: unknown tracker {name!r}; known: {list(TRACKER_PACKAGES)}")
+        package = TRACKER_PACKAGES[name]
+        if package is None:
+            continue
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            extra = f" or pip install -e '.[{name}]'" if name == "wandb" else ""
+            raise ValueError(f"log.trackers: the {name!r} tracker needs the Python package {package!r}, which is not "
+                             f"installed (pip install {package}{extra}; or drop {name} from log.trackers)") from None
+
+
+def accelerate_trackers(names, run_dir: str | Path, run_name: str) -> list[GeneralTracker]:
+    """accelerate tracker objects for `Accelerator(log_with=...)`: TensorBoard under <run_dir>/tensorboard, wandb
+    (project "ngkernels", run named after the run) under <run_dir>/wandb. wandb honours WANDB_MODE: offline
+    writes a local run that `wandb sync <run_dir>/wandb/offline-run-*` uploads later."""
+    check_trackers(names)
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    out = []
+    if "tensorboard" in names:
+        out.append(TensorBoardTracker("tensorboard", str(run_dir)))
+    if "wandb" in names:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        out.append(WandBTracker(WANDB_PROJECT, name=run_name, dir=str(run_dir)))
+    return out
+
+
+def log_images(trackers, images: dict, step: int) -> None:
+    """{key: uint8 array [H, W, 3]} to every tracker that takes images (TensorBoard add_images, wandb.Image)."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({k: v[None] for k, v in images.items()}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
 
 
 class CSVTracker(GeneralTracker):
