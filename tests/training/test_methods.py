@@ -10,7 +10,7 @@ import torch
 
 from training.config import load_config
 from training.methods import build_method
-from training.methods.base import TrainBatch, normguard_term
+from training.methods.base import TrainBatch, reference_terms
 from training.models.toy import ToyFlowModel
 from training.toy.data import CAPTIONS, render
 
@@ -169,11 +169,13 @@ def test_normguard_gradient_per_sample(method):
 
 def test_per_token_norms_recombine_to_the_per_sample_norms():
     cfg, model, _ = make("nft", "normguard.per_token=true", "normguard.ng_lambda=0.5", "normguard.relative=false")
-    v, v_ref, target = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
-    loss, mse, v_norm, ref_norm = normguard_term(model, v, v_ref, cfg.normguard, target=target, weight=2.0)
+    v, v_ref = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    loss, kl, guard, v_norm, ref_norm = reference_terms(model, v, v_ref, cfg.normguard, kl_weight=2.0)
     assert torch.allclose(v_norm, v.flatten(1).norm(dim=1)) and torch.allclose(ref_norm, v_ref.flatten(1).norm(dim=1))
-    assert torch.allclose(mse, (v - target).square().flatten(1).mean(1))
+    mse = (v - v_ref).square().flatten(1).mean(1)
+    assert torch.allclose(kl, 2.0 * mse)
     token_hinge = torch.relu(v.norm(dim=1) - v_ref.norm(dim=1)).flatten(1).mean(1)  # channel norm per pixel
+    assert torch.allclose(guard, 0.5 * token_hinge, rtol=1e-5, atol=1e-6)
     assert torch.allclose(loss, 2.0 * mse + 0.5 * token_hinge, rtol=1e-5)
 
 

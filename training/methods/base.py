@@ -5,13 +5,13 @@ A method turns a batch of forward-noised rollout samples into per-item losses. E
 hinge goes through the ngkernels ops (`flow_matching_loss`, `fm_normguard_loss`); the methods only combine
 their per-sample outputs. The NormGuard term and its statistics (||v||, ||v_ref||, for the logged norm ratio)
 come from one `fm_normguard_loss(..., return_stats=True)` call, fused with the method's own KL-to-reference
-MSE where it has one.
+MSE where it has one (`reference_terms`, which returns the KL and the NormGuard parts apart).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Callable, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -88,6 +88,10 @@ class Method:
     name: str = ""  # also the name of the method's config section, cfg.method.<name>
     term_names: tuple[str, ...] = ()  # the keys of LossOutput.terms, logged per step
     slots_per_item: int = 1  # rollout slots per training item (DPO: 2, the winner and the loser)
+    # True: trains on the rollout's own SDE transitions (GRPO); the loop then calls its sample_rollout(velocity, x1,
+    # sigmas, step_noise, generators, progress) -> (x0, per-image records) and transition_batch(items, records,
+    # generators, prompts per row, encode) -> its batch, instead of forward-noising clean samples
+    coupled: bool = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -133,32 +137,61 @@ class Method:
         """Updates the extra policies after RL step `step` (1-based)."""
 
 
-def normguard_term(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: NormGuardConfig,
-                   target: torch.Tensor | None = None, weight: torch.Tensor | float | None = None):
-    """Per-row  weight * mse(v, target) + ng_lambda * hinge(||v||, ||v_ref||)  and the per-row norms.
+class ReferenceTerms(NamedTuple):
+    """The per-row terms that tie the trained policy to the reference, from one fused ngkernels call.
 
-    One fused ngkernels call. With ng.per_token the norms are per spatial token (model.to_tokens): the hinge
-    is averaged over tokens, the MSE is unchanged (a mean over tokens of per-token means), and the per-row
-    norms are recombined exactly as sqrt(sum of squared token norms).
-    Returns (loss [N], mse [N] or None (no grad), v_norm [N], ref_norm [N]).
+    loss:      kl + normguard, differentiable (what a method adds to its own loss)
+    kl:        kl_weight * mean((v - v_ref)^2), detached; None when the method has no KL term
+    normguard: ng_lambda * hinge(||v||, ||v_ref||) (a mean over tokens with normguard.per_token), detached
+    v_norm, ref_norm: ||v||, ||v_ref|| per row, from the same pass (the logged norm ratio)
+    """
+
+    loss: torch.Tensor
+    kl: Optional[torch.Tensor]
+    normguard: torch.Tensor
+    v_norm: torch.Tensor
+    ref_norm: torch.Tensor
+
+
+def reference_terms(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: NormGuardConfig,
+                    kl_weight: float | torch.Tensor | None = None) -> ReferenceTerms:
+    """Per-row  kl_weight * mse(v, v_ref) + ng_lambda * hinge(||v||, ||v_ref||), its two parts and the norms.
+
+    kl_weight: a number, one weight per row [B], or None (no KL term).
+
+    One fused `fm_normguard_loss(v, v_ref, v_ref, reduction="none", return_stats=True)` call reads v once for
+    both terms (target = v_ref: the KL to the reference is the flow-matching MSE towards v_ref). Its stats give
+    the MSE, so kl = kl_weight * stats.mse and the NormGuard part is the rest of the per-row loss (both
+    detached: only the sum carries the gradient). Without kl_weight the op skips the MSE altogether.
+    With ng.per_token the norms are per spatial token (model.to_tokens): the hinge is averaged over tokens, the
+    MSE is unchanged (a mean over tokens of per-token means), and the per-row norms are recombined exactly as
+    sqrt(sum of squared token norms).
     """
     B = v.shape[0]
-    if isinstance(weight, (int, float)):
-        weight = torch.full((B,), float(weight), device=v.device)
+    target = None if kl_weight is None else v_ref
+    if isinstance(kl_weight, torch.Tensor):  # one weight per row [B]
+        weight = kl_weight.to(v.device)
+    else:
+        weight = None if kl_weight is None else torch.full((B,), float(kl_weight), device=v.device)
     kwargs = dict(ng_lambda=ng.ng_lambda, margin=ng.margin, relative=ng.relative, squared=ng.squared,
                   reduction="none", return_stats=True)
     if not ng.per_token:
         loss, stats = ngkernels.fm_normguard_loss(v, target, v_ref, weight=weight, **kwargs)
-        return loss, stats.mse, stats.v_norm, stats.ref_norm
-    tokens = model.to_tokens(v)
-    T, D = tokens.shape[1], tokens.shape[2]
-    flat = lambda x: model.to_tokens(x).reshape(B * T, D)  # noqa: E731
-    loss, stats = ngkernels.fm_normguard_loss(
-        tokens.reshape(B * T, D), None if target is None else flat(target), flat(v_ref),
-        weight=None if weight is None else weight.repeat_interleave(T), **kwargs)
-    mse = None if stats.mse is None else stats.mse.view(B, T).mean(1)
-    return (loss.view(B, T).mean(1), mse, stats.v_norm.view(B, T).square().sum(1).sqrt(),
-            stats.ref_norm.view(B, T).square().sum(1).sqrt())
+        mse, v_norm, ref_norm = stats.mse, stats.v_norm, stats.ref_norm
+    else:
+        tokens = model.to_tokens(v)
+        T, D = tokens.shape[1], tokens.shape[2]
+        flat = lambda x: model.to_tokens(x).reshape(B * T, D)  # noqa: E731
+        loss, stats = ngkernels.fm_normguard_loss(
+            tokens.reshape(B * T, D), None if target is None else flat(target), flat(v_ref),
+            weight=None if weight is None else weight.repeat_interleave(T), **kwargs)
+        loss = loss.view(B, T).mean(1)
+        mse = None if stats.mse is None else stats.mse.view(B, T).mean(1)
+        v_norm = stats.v_norm.view(B, T).square().sum(1).sqrt()
+        ref_norm = stats.ref_norm.view(B, T).square().sum(1).sqrt()
+    kl = None if mse is None else kl_weight * mse
+    normguard = loss.detach() if kl is None else loss.detach() - kl
+    return ReferenceTerms(loss, kl, normguard, v_norm, ref_norm)
 
 
 def clipped_advantages(advantages: torch.Tensor, clip: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ngkernels
-from training.methods.base import Item, LossOutput, Method, TrainBatch, normguard_term
+from training.methods.base import Item, LossOutput, Method, TrainBatch, reference_terms
 
 REF = "ref"
 
@@ -61,13 +61,13 @@ class FlowDPO(Method):
                 v_dpo_ref = v_ref
             ref_err = ngkernels.flow_matching_loss(v_dpo_ref, u, reduction="none")
         err = ngkernels.flow_matching_loss(v, u, reduction="none")
-        guard, _, v_norm, ref_norm = normguard_term(model, v, v_ref, self.ng)
+        ref = reference_terms(model, v, v_ref, self.ng)
         diff = (err - ref_err).view(-1, 2)
         inside = -0.5 * self.method_cfg.beta * (diff[:, 0] - diff[:, 1])
         dpo = -F.logsigmoid(inside)
-        guard = guard.view(-1, 2).sum(1)
+        guard = ref.loss.view(-1, 2).sum(1)
         terms = {"dpo": dpo.detach(), "normguard": guard.detach(), "accuracy": (inside > 0).float()}
-        return LossOutput(dpo + guard, terms, v_norm, ref_norm)
+        return LossOutput(dpo + guard, terms, ref.v_norm, ref.ref_norm)
 
     def after_step(self, model, step):
         if self.refreshed and step % self.method_cfg.ref_update_every == 0:

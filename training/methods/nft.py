@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import ngkernels
-from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages, normguard_term
+from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages, reference_terms
 
 OLD = "old"
 
@@ -50,10 +50,9 @@ class NFT(Method):
         else:
             policy = (self._x0_loss(x_t, v_pos, batch, r) + self._x0_loss(x_t, v_neg, batch, 1 - r)) \
                 * (c.adv_clip_max / c.beta)
-        guard, kl_mse, v_norm, ref_norm = normguard_term(model, v, v_ref, self.ng, target=v_ref, weight=c.kl_beta)
-        kl = c.kl_beta * kl_mse
-        terms = {"policy": policy.detach(), "kl": kl, "normguard": guard.detach() - kl}
-        return LossOutput(policy + guard, terms, v_norm, ref_norm)
+        ref = reference_terms(model, v, v_ref, self.ng, kl_weight=c.kl_beta)
+        terms = {"policy": policy.detach(), "kl": ref.kl, "normguard": ref.normguard}
+        return LossOutput(policy + ref.loss, terms, ref.v_norm, ref.ref_norm)
 
     @staticmethod
     def _x0_loss(x_t, v_implicit, batch, r):
