@@ -1,13 +1,14 @@
-"""RL methods over the one shared loop: nft, awm, dpo (one file each)."""
+"""RL methods over the one shared loop: nft, awm, dpo, grpo (one file each)."""
 
 from __future__ import annotations
 
 from training.methods.awm import AWM
 from training.methods.base import Item, LossOutput, Method, TrainBatch
 from training.methods.dpo import FlowDPO
+from training.methods.grpo import GRPO
 from training.methods.nft import NFT
 
-METHODS: dict[str, type[Method]] = {"nft": NFT, "awm": AWM, "dpo": FlowDPO}
+METHODS: dict[str, type[Method]] = {"nft": NFT, "awm": AWM, "dpo": FlowDPO, "grpo": GRPO}
 
 
 def build_method(cfg) -> Method:
@@ -16,4 +17,4 @@ def build_method(cfg) -> Method:
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["METHODS", "build_method", "Method", "TrainBatch", "LossOutput", "Item", "NFT", "AWM", "FlowDPO"]
+__all__ = ["METHODS", "build_method", "Method", "TrainBatch", "LossOutput", "Item", "NFT", "AWM", "FlowDPO", "GRPO"]
