@@ -137,15 +137,17 @@ class NormGuard(nn.Module):
         self.adaptive, self.lambda_lr, self.lambda_max = adaptive, float(lambda_lr), float(lambda_max)
         self.constraint, self.ema_decay = constraint, float(ema_decay)
         self.sync_processes, self.return_stats = sync_processes, return_stats
-        f32 = dict(dtype=torch.float32)
-        self.register_buffer("lambda_", torch.tensor(self.ng_lambda, **f32))
-        self.register_buffer("ratio_ema", torch.tensor(0.0, **f32))
-        self.register_buffer("ratio_mean", torch.tensor(0.0, **f32))
-        self.register_buffer("ratio_max", torch.tensor(0.0, **f32))
+        # float64 scalars: lambda is applied exactly as set (also to float64 inputs), and the sums of many
+        # micro-batches' ratios lose nothing; they are a few bytes, updated by device ops
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("lambda_", torch.tensor(self.ng_lambda, **f64))
+        self.register_buffer("ratio_ema", torch.tensor(0.0, **f64))
+        self.register_buffer("ratio_mean", torch.tensor(0.0, **f64))
+        self.register_buffer("ratio_max", torch.tensor(0.0, **f64))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.int64))
         # pending accumulation since the last update(): [sum of ratios, sum of g, count], running max of ratios
-        self.register_buffer("_acc", torch.zeros(3, **f32))
-        self.register_buffer("_acc_max", torch.tensor(-math.inf, **f32))
+        self.register_buffer("_acc", torch.zeros(3, **f64))
+        self.register_buffer("_acc_max", torch.tensor(-math.inf, **f64))
 
     # -----------------------------------------------------------------------------------------------
     def _token_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,7 @@ class NormGuard(nn.Module):
         v: the trained policy's velocity [B, ...] (with grad). v_ref: the frozen reference's velocity at the
         same (x_t, t, c), a constant. target (optional): the base-loss target of a fused weighted MSE term
         (e.g. v_ref itself for a KL-to-reference term). weight: a float or a [B] tensor weighing that MSE.
-        LossStats holds per-sample float32 v_norm, ref_norm and mse (mse None without a target, and with
+        LossStats holds per-sample (float32; float64 for float64 inputs) v_norm, ref_norm and mse (mse None without a target, and with
         adaptive=True, whose MSE is a separate call).
         """
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -171,7 +173,8 @@ class NormGuard(nn.Module):
             raise ValueError("weight weighs the MSE against target; pass target too (or no weight)")
         B = v.shape[0]
         if isinstance(weight, (int, float)):
-            weight = torch.full((B,), float(weight), device=v.device, dtype=torch.float32)
+            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+            weight = torch.full((B,), float(weight), device=v.device, dtype=acc)
         T = 1
         if self.per_token:
             rows = self._token_rows(v)
@@ -189,8 +192,8 @@ class NormGuard(nn.Module):
             mse = stats.mse
         else:
             hinge, stats = F.fm_normguard_loss(v2, None, r2, ng_lambda=1.0, **opts)
-            # a snapshot: update() changes lambda_ in place, and autograd must keep this step's value
-            per_row = self.lambda_.clone() * hinge
+            # a copy in the loss's dtype: update() changes lambda_ in place, and autograd keeps this step's value
+            per_row = self.lambda_.to(hinge.dtype, copy=True) * hinge
             if t2 is not None:
                 per_row = per_row + F.flow_matching_loss(v2, t2, weight=w2, reduction="none")
         if self.per_token:
@@ -212,7 +215,7 @@ class NormGuard(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, v_norm: torch.Tensor, ref_norm: torch.Tensor) -> None:
-        ratio = v_norm.float() / ref_norm.float().clamp_min(torch.finfo(torch.float32).tiny)
+        ratio = v_norm.double() / ref_norm.double().clamp_min(torch.finfo(torch.float32).tiny)
         excess = ratio - (1.0 + self.margin)
         g = excess if self.constraint == "ratio" else excess.clamp_min(0.0)
         total = ratio.sum()

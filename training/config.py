@@ -436,8 +436,8 @@ def validate(cfg: Config) -> Config:
     if toy.image_size % toy.patch_size:
         raise ValueError(f"model.toy.image_size ({toy.image_size}) must be a multiple of model.toy.patch_size "
                          f"({toy.patch_size})")
-    from training.models import MODELS
-    from training.rewards import REWARDS
+    from training.models.registry import MODELS  # a leaf module: no cycle (its package registers the built-ins)
+    from training.rewards.registry import REWARDS
 
     if cfg.model.type not in MODELS:
         raise ValueError(f"config key 'model.type' must be one of {sorted(MODELS)}, got {cfg.model.type!r}")

@@ -31,6 +31,7 @@ from training.config import Config, diff_configs, dump_config, load_config
 from training.methods import build_method
 from training.methods.base import Item, TrainBatch
 from training.models import build_model
+from training.prompts import prompt_pool
 from training.rewards import build_reward
 from training.sampling import policy_velocity, sample, sigma_schedule, train_sigmas
 from training.step_metrics import StepMetrics
@@ -123,20 +124,6 @@ class Summary:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
-
-
-def prompt_pool(cfg: Config) -> list[str]:
-    prompts = list(cfg.rollout.prompts)
-    if cfg.rollout.prompt_file:
-        with open(cfg.rollout.prompt_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and cfg.model.type == "toy":
-        from training.toy.data import CAPTIONS
-
-        prompts = list(CAPTIONS)
-    if not prompts:
-        raise ValueError("no prompts: set rollout.prompts or rollout.prompt_file")
-    return prompts
 
 
 class Trainer:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
 from training.analysis.io import pyplot, write_csv
 from training.analysis.quality import FeatureNetSpec, ToyQuality, frechet_distance, load_or_train_feature_net
+from training.prompts import prompt_pool
 from training.tracking import save_figure
 
 METHODS = ("nft", "awm", "dpo")
@@ -174,7 +175,7 @@ def eval_reward_curve(metrics: list[dict]) -> list[float]:
 def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = True,
               command: str = "run_study()") -> Path:
     from training.tracking import read_csv as read_metrics
-    from training.toy.pretrain import load_or_pretrain
+    from training.models.toy import pretrained_toy
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,14 +184,14 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
     any_cfg = next(iter(cfgs.values()))
     toy = any_cfg.model.toy
     # the shared caches first, in this process, so the workers only load them
-    load_or_pretrain(toy, progress=progress)
+    pretrained_toy(toy, progress=progress)
     spec = FeatureNetSpec(image_size=toy.image_size, train_steps=settings.feature_steps)
     load_or_train_feature_net(spec, toy.cache_dir, progress=progress)
     prep_seconds = time.time() - started
 
     num_steps = any_cfg.sampling.num_steps
     eval_settings = asdict(EvalSettings(
-        prompts=_prompts(any_cfg), samples_per_prompt=settings.samples_per_prompt, num_steps=num_steps,
+        prompts=prompt_pool(any_cfg), samples_per_prompt=settings.samples_per_prompt, num_steps=num_steps,
         few_steps=tuple(s for s in settings.few_steps if s <= num_steps), rescale_phis=settings.rescale_phis,
         shift=any_cfg.sampling.shift, sampler="ode", guidance_scale=any_cfg.sampling.guidance_scale,
         adjoint_samples_per_prompt=settings.adjoint_samples_per_prompt, seed=settings.eval_seed, progress=False))
@@ -251,12 +252,6 @@ def _prune_checkpoints(cfgs, train_info, matches) -> None:
         for path in (Path(info["run_dir"]) / "checkpoints").glob("step-*"):
             if int(path.name.split("-")[1]) not in keep:
                 shutil.rmtree(path)
-
-
-def _prompts(cfg) -> list[str]:
-    from training.loop import prompt_pool
-
-    return prompt_pool(cfg)
 
 
 def _ng_description(cfg) -> str:
