@@ -1,8 +1,10 @@
 """Model registry: `@register_model(name)` on a builder `(cfg: Config) -> FlowModel`; `build_model(cfg)`.
 
-Built-ins: "toy" (toy.py, the embedded default), "sd3" (sd3.py, a local StableDiffusion3Pipeline folder),
-"flux" (flux.py). `build_model` then sets up LoRA / full fine-tuning from `cfg.finetune`, so builders only
-construct the model (frozen weights, text encoders, VAE) and never touch adapters.
+The registry itself is the leaf module registry.py (training.config reads it from there). Built-ins, registered
+when this package is imported: "toy" (toy.py, the embedded default), "sd3" (sd3.py, a local
+StableDiffusion3Pipeline folder), "flux" (flux.py). `build_model` then sets up LoRA / full fine-tuning from
+`cfg.finetune`, so builders only construct the model (frozen weights, text encoders, VAE) and never touch
+adapters.
 """
 
 from __future__ import annotations
@@ -10,13 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from training.models.base import DEFAULT_ADAPTER, FlowModel
-from training.registry import Registry
+from training.models.registry import MODELS, register_model
 
 if TYPE_CHECKING:
     from training.config import Config
-
-MODELS: Registry = Registry("model type")  # name -> builder (cfg: Config) -> FlowModel
-register_model = MODELS.register  # decorator: the builder of `model.type` == name
 
 
 def build_model(cfg: "Config") -> FlowModel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models import register_model
+from training.models.registry import register_model
 from training.models.pretrained import PipelineFlowModel, load_pipeline, maybe_free_text_encoders
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.models.base import FlowModel
+from training.prompts import prompt_pool  # the loop's pool: what it will ask to encode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -195,7 +196,5 @@ class PipelineFlowModel(FlowModel):
 def maybe_free_text_encoders(model: PipelineFlowModel, cfg) -> PipelineFlowModel:
     """model.free_text_encoders: cache the prompt pool's conditioning, then drop the text encoders."""
     if cfg.model.free_text_encoders:
-        from training.loop import prompt_pool  # the loop's own pool: what it will ask to encode
-
         model.free_text_encoders(prompt_pool(cfg), progress=cfg.log.progress)
     return model

@@ -9,7 +9,7 @@ module tree (frozen helpers): checkpoints and DDP see only the transformer and i
 
 from __future__ import annotations
 
-from training.models import register_model
+from training.models.registry import register_model
 from training.models.pretrained import PipelineFlowModel, load_pipeline, maybe_free_text_encoders
 
 

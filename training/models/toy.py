@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models import register_model
+from training.models.registry import register_model
 from training.models.base import FlowModel
 from training.toy.data import CAPTIONS
+from training.toy.pretrain import load_or_pretrain
 
 PAD = "<pad>"
 JOINT_DIM = 32  # caption token width (SD3's joint_attention_dim)
@@ -83,9 +84,12 @@ class ToyFlowModel(FlowModel):
         return images * 2 - 1
 
 
+def pretrained_toy(toy, progress: bool = True) -> ToyFlowModel:
+    """The toy model with its flow-matching-pretrained reference weights (pretrained once, cached on disk)."""
+    return load_or_pretrain(toy, lambda: ToyFlowModel(toy), progress=progress)
+
+
 @register_model("toy")
 def build_toy(cfg) -> ToyFlowModel:
-    """The toy model with its flow-matching-pretrained reference weights (pretrained once, cached on disk)."""
-    from training.toy.pretrain import load_or_pretrain
-
-    return load_or_pretrain(cfg.model.toy, progress=cfg.log.progress)
+    """`model.type=toy`: the pretrained toy of cfg.model.toy."""
+    return pretrained_toy(cfg.model.toy, progress=cfg.log.progress)

@@ -1,16 +1,16 @@
 """Reward registry: `@register_reward(name)` on a class or factory, `build_reward(name, **kwargs)` to make one.
 
-Built-in offline rewards live in `builtin.py`; CLIP-style scorers loaded from local checkpoints in `clip.py`.
+The registry itself is the leaf module registry.py (training.config reads it from there). Built-in offline
+rewards live in `builtin.py`; CLIP-style scorers loaded from local checkpoints in `clip.py`; both register when
+this package is imported.
 """
 
 from __future__ import annotations
 
 import inspect
-from training.registry import Registry
-from training.rewards.base import Reward, check_reward_inputs
 
-REWARDS: Registry = Registry("reward")  # name -> Reward class or factory
-register_reward = REWARDS.register  # decorator
+from training.rewards.base import Reward, check_reward_inputs
+from training.rewards.registry import REWARDS, register_reward
 
 
 def build_reward(name: str, **kwargs) -> Reward:

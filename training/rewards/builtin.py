@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.rewards import register_reward
+from training.rewards.registry import register_reward
 from training.rewards.base import check_reward_inputs
 from training.toy.data import COLORS, parse_caption
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.rewards import register_reward
+from training.rewards.registry import register_reward
 from training.rewards.base import check_reward_inputs
 
 
