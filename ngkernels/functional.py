@@ -1,37 +1,33 @@
-"""Public functional API: argument checks, backend choice, autograd.
+"""Public functional API: argument checks, backend choice, and the options object.
 
-Backends: CUDA tensors run the Triton kernels (`ngkernels/ops/fm_normguard.py`), CPU tensors the torch
-implementation (`ngkernels/reference.py`). NGKERNELS_BACKEND=torch|triton|auto (default auto) forces one;
-Triton on CPU tensors needs TRITON_INTERPRET=1 set before ngkernels is imported.
-Under torch.compile the same work goes through the opaque torch.library ops of `ngkernels/library.py`,
-so `torch.compile(fn, fullgraph=True)` sees no graph break.
+Each public op checks its arguments, picks the backend, flattens its tensors to [B, N] rows, collects its
+settings in one `LossOptions` and calls `library.fused_loss`, the differentiable fused op (eager
+autograd.Function, or the torch.library custom op under torch.compile, so `torch.compile(fn, fullgraph=True)`
+sees no graph break). Where the settings go from there: `ngkernels/fused.py`.
+
+Backends: CUDA tensors run the Triton kernels (`ngkernels/ops/fm_normguard.py`), CPU tensors the torch backend
+(`ngkernels/ops/torch_backend.py`, the math of `ngkernels/reference.py`). NGKERNELS_BACKEND=torch|triton|auto
+(default auto) forces one; Triton on CPU tensors needs TRITON_INTERPRET=1 set before ngkernels is imported.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ngkernels import reference
+from ngkernels.library import fused_loss
 from ngkernels.ops import fm_normguard as _ops
+from ngkernels.options import REDUCTIONS
+from ngkernels.options import LossOptions
+from ngkernels.reference import LossStats
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-class LossStats(NamedTuple):
-    """Per-sample statistics from the loss's own pass (float32 [B]; None where a term is absent)."""
-
-    v_norm: torch.Tensor
-    ref_norm: Optional[torch.Tensor]
-    mse: Optional[torch.Tensor]
-
-
 def triton_interpreted() -> bool:
-    return type(_ops._fwd_kernel).__name__ == "InterpretedFunction"
+    return _ops.INTERPRETED
 
 
 def resolve_backend(device: torch.device) -> str:
@@ -45,63 +41,6 @@ def resolve_backend(device: torch.device) -> str:
             "NGKERNELS_BACKEND=triton on a non-CUDA tensor needs the Triton interpreter: "
             "set TRITON_INTERPRET=1 before importing ngkernels")
     return choice
-
-
-# ---------------------------------------------------------------------------------------------------
-# The two halves every op is made of, for either backend. Inputs are [B, N] views with unit column stride.
-
-def fused_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend, keep=False):
-    """-> (loss, stats [3, B], coef [2, B]); loss is [B] for reduction "none", else 0-d.
-    keep: a backward will re-read v and target (an L2 cache hint for the Triton kernels; no effect on values)."""
-    B, N = v2d.shape
-    if backend == "triton" and B > 0 and N > 0:
-        return _ops.triton_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, keep)
-    stats = reference.sample_stats(v2d, t2d, r2d)
-    per_sample = reference.loss_terms(stats, weight, ng_lambda, margin, relative, squared)
-    a, c = reference.grad_coefficients(stats, weight, N, ng_lambda, margin, relative, squared)
-    zeros = torch.zeros_like(stats.v_norm)
-    packed = torch.stack([stats.v_norm, zeros if stats.ref_norm is None else stats.ref_norm,
-                          zeros if stats.mse is None else stats.mse])
-    coef = torch.stack([zeros if a is None else a, zeros if c is None else c])
-    return reference.reduce(per_sample, reduction), packed, coef
-
-
-def fused_backward(grad_out, v2d, t2d, coef, has_ref, reduction, backend):
-    """-> d loss / d v as a [B, N] tensor of v's dtype."""
-    B, N = v2d.shape
-    if backend == "triton" and B > 0 and N > 0:
-        return _ops.triton_backward(grad_out, v2d, t2d, coef, has_ref, reduction)
-    g = grad_out.to(coef.dtype)
-    g = g.expand(B) / B if reduction == "mean" else g.expand(B)
-    a, c = (g * coef[0])[:, None], (g * coef[1])[:, None]
-    if t2d is None:
-        grad = torch.mul(v2d, a)  # promotes to the accumulation dtype without a copy of v
-    else:  # a v + c (v - t) in one buffer of the accumulation dtype
-        grad = t2d.to(coef.dtype, copy=True).neg_().add_(v2d).mul_(c)
-        if has_ref:
-            grad.addcmul_(v2d, a)
-    return grad.to(v2d.dtype)
-
-
-class FusedLossFunction(torch.autograd.Function):
-    """Eager autograd for every op: loss and stats in the forward, gradient (scaled by grad_output) in the backward."""
-
-    @staticmethod
-    def forward(ctx, v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction, backend, keep):
-        loss, stats, coef = fused_forward(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared,
-                                          reduction, backend, keep)
-        ctx.save_for_backward(v2d, t2d, coef)
-        ctx.options = (r2d is not None, reduction, backend)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    @once_differentiable  # the gradient is a closed form of saved per-sample scalars: no double backward
-    def backward(ctx, grad_loss, _grad_stats):
-        v2d, t2d, coef = ctx.saved_tensors
-        has_ref, reduction, backend = ctx.options
-        grad = fused_backward(grad_loss, v2d, t2d, coef, has_ref, reduction, backend)
-        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,28 +75,23 @@ def _check(v, target, v_ref, weight, reduction, margin):
             raise ValueError(f"weight must have shape [B]=({v.shape[0]},), got {shape}")
         if weight.device != v.device:
             raise ValueError(f"weight is on {weight.device} but v is on {v.device}")
-    if reduction not in reference.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not margin > -1.0:
         raise ValueError(f"margin must be > -1 (the hinge is at (1 + margin) * ||v_ref||), got {margin}")
 
 
-def _fused(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduction):
-    _check(v, target, v_ref, weight, reduction, margin)
+def _fused(v, target, v_ref, weight, opts: LossOptions):
+    _check(v, target, v_ref, weight, opts.reduction, opts.margin)
     B = v.shape[0]
-    backend = resolve_backend(v.device)
     v2d = _rows("v", v, B)
     t2d = None if target is None else _rows("target", target.detach(), B)
     r2d = None if v_ref is None else _rows("v_ref", v_ref.detach(), B)
     w = None if weight is None else weight.detach().contiguous()
-    args = (float(ng_lambda), float(margin), bool(relative), bool(squared))
+    opts = LossOptions(float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared),
+                       opts.reduction)
     keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
-    if torch.compiler.is_compiling():
-        from ngkernels import library
-
-        loss, stats, _ = library.fused_loss_op(v2d, t2d, r2d, w, *args, reduction, backend, keep)
-    else:
-        loss, stats = FusedLossFunction.apply(v2d, t2d, r2d, w, *args, reduction, backend, keep)
+    loss, stats = fused_loss(v2d, t2d, r2d, w, opts, resolve_backend(v.device), keep)
     return loss, LossStats(stats[0], None if v_ref is None else stats[1], None if target is None else stats[2])
 
 
@@ -172,7 +106,7 @@ def normguard_loss(v, v_ref, *, margin=0.0, relative=False, squared=False, reduc
     non-batch dims; for per-token norms pass a reshaped view ([B, T, D] -> [B*T, D]).
     Gradients flow to `v` only; `v_ref` is a constant. Returns float32 ([B] for reduction="none").
     """
-    return _fused(v, None, v_ref, None, 1.0, margin, relative, squared, reduction)[0]
+    return _fused(v, None, v_ref, None, LossOptions(1.0, margin, relative, squared, reduction))[0]
 
 
 def flow_matching_loss(v, target, *, weight=None, reduction="mean"):
@@ -180,7 +114,7 @@ def flow_matching_loss(v, target, *, weight=None, reduction="mean"):
 
     Gradients flow to `v` only; `target` and `weight` ([B]) are constants. Returns float32.
     """
-    return _fused(v, target, None, weight, 0.0, 0.0, False, False, reduction)[0]
+    return _fused(v, target, None, weight, LossOptions(0.0, 0.0, False, False, reduction))[0]
 
 
 def fm_normguard_loss(v, target, v_ref, *, weight=None, ng_lambda=1.0, margin=0.0, relative=False,
@@ -191,11 +125,11 @@ def fm_normguard_loss(v, target, v_ref, *, weight=None, ng_lambda=1.0, margin=0.
     Gradients flow to `v` only; `target`, `v_ref` and `weight` are constants. With return_stats=True it
     returns (loss, LossStats(v_norm, ref_norm, mse)), per-sample float32 from the same pass.
     """
-    loss, stats = _fused(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduction)
+    loss, stats = _fused(v, target, v_ref, weight, LossOptions(ng_lambda, margin, relative, squared, reduction))
     return (loss, stats) if return_stats else loss
 
 
 def velocity_norms(v):
     """Per-sample L2 norms ||v_i|| over all non-batch dims, float32 [B], without gradient."""
     with torch.no_grad():
-        return _fused(v, None, None, None, 0.0, 0.0, False, False, "none")[1].v_norm
+        return _fused(v, None, None, None, LossOptions(0.0, 0.0, False, False, "none"))[1].v_norm
