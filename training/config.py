@@ -189,6 +189,7 @@ class EvalConfig:
     num_prompts: int = 16  # 0: every prompt of the pool
     samples_per_prompt: int = 2
     num_steps: int = 0  # sampler steps for evaluation (0: sampling.num_steps)
+    grid_prompts: int = 8  # prompts of the sample grid <run_dir>/samples/step-N.png at each evaluation (0: none)
 
 
 @dataclass
@@ -198,7 +199,6 @@ class LogConfig:
     checkpoint_every: int = 10  # steps (0: only at the end)
     keep_checkpoints: int = 2
     ratio_buckets: int = 4  # sigma buckets for the logged norm ratio ||v||/||v_ref||
-    tensorboard: bool = True  # superseded by trackers; removed once the loop reads log.trackers
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # csv (always on), tensorboard, wandb
     progress: bool = True  # tqdm bars
 
@@ -259,7 +259,7 @@ RANGES = {
     "train.inner_epochs": _AT_LEAST_1, "train.lr": _POSITIVE, "train.weight_decay": _NON_NEGATIVE,
     "train.max_grad_norm": _POSITIVE, "train.num_threads": _NON_NEGATIVE,
     "eval.every": _NON_NEGATIVE, "eval.num_prompts": _NON_NEGATIVE, "eval.samples_per_prompt": _AT_LEAST_1,
-    "eval.num_steps": _NON_NEGATIVE,
+    "eval.num_steps": _NON_NEGATIVE, "eval.grid_prompts": _NON_NEGATIVE,
     "log.checkpoint_every": _NON_NEGATIVE, "log.keep_checkpoints": _AT_LEAST_1, "log.ratio_buckets": _AT_LEAST_1,
 }
 

@@ -35,7 +35,8 @@ from training.prompts import prompt_pool
 from training.rewards import build_reward
 from training.sampling import policy_velocity, sample, sigma_schedule, train_sigmas
 from training.step_metrics import StepMetrics
-from training.tracking import CSVTracker, plot_run
+from training.grids import EvalGrid, spread
+from training.tracking import CSVTracker, accelerate_trackers, plot_run
 
 # stream tags for seeded generators
 _PROMPTS, _ROLLOUT, _TRAIN, _SHUFFLE, _EVAL = range(5)
@@ -105,6 +106,7 @@ class Summary:
     seconds: float
     steps: int
     setup_seconds: float = 0.0
+    grids: list = field(default_factory=list)  # sample grid PNGs, first (before training) and last evaluation
 
     def lines(self) -> list[str]:
         return [
@@ -116,6 +118,7 @@ class Summary:
             f"plot               {self.plot}",
             f"checkpoint         {self.checkpoint}",
             f"trained weights    {self.trained_weights}",
+            *([f"sample grids       {self.grids[0]} (before) -> {self.grids[-1]} (after)"] if self.grids else []),
             f"time               {self.setup_seconds:.1f} s set-up (model, pretraining or cache) + "
             f"{self.seconds:.1f} s RL",
         ]
@@ -137,7 +140,8 @@ class Trainer:
         self.accelerator = acc = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                              gradient_accumulation_steps=cfg.train.grad_accum,
                                              project_dir=str(self.run_dir),
-                                             log_with=["tensorboard"] if cfg.log.tensorboard else None)
+                                             log_with=accelerate_trackers(cfg.log.trackers, self.run_dir,
+                                                                          cfg.log.run_name) or None)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         elif acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
@@ -169,6 +173,7 @@ class Trainer:
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
         self._init_logs()
+        self.grid = self._eval_grid()
 
     # ------------------------------------------------------------------------------------------------
     # set-up helpers
@@ -195,7 +200,7 @@ class Trainer:
         self.csv_path = self.run_dir / "metrics.csv"
         if acc.is_main_process:
             if self.resume_from is None:  # a fresh run in a used directory: old checkpoints/logs would mix in
-                stale = [self.run_dir / name for name in ("checkpoints", "tensorboard", "trained_weights")
+                stale = [self.run_dir / name for name in ("checkpoints", "tensorboard", "trained_weights", "samples")
                          if (self.run_dir / name).exists()]
                 if stale:
                     print(f"starting a fresh run in {self.run_dir}: removing the previous run's "
@@ -207,14 +212,13 @@ class Trainer:
         acc.wait_for_everyone()
         self.csv = CSVTracker(self.csv_path, columns, resume_step=self.state.step if self.resume_from else None) \
             if acc.is_main_process else None
-        if self.cfg.log.tensorboard:
-            flat = _flatten(self.cfg.to_dict())
-            acc.init_trackers("tensorboard", config=flat)
+        if acc.log_with:  # tensorboard / wandb (training.tracking.accelerate_trackers)
+            acc.init_trackers(self.cfg.log.run_name, config=_flatten(self.cfg.to_dict()))
 
     def log(self, values: dict, step: int):
         if self.csv is not None:
             self.csv.log(values, step)
-        if self.cfg.log.tensorboard:
+        if self.accelerator.log_with:
             self.accelerator.log({k: v for k, v in values.items() if not math.isnan(v)}, step=step)
 
     # ------------------------------------------------------------------------------------------------
@@ -303,6 +307,25 @@ class Trainer:
             scored += list(zip(chunk, self._score(x0, chunk_prompts).tolist()))
         rewards = [r for _, r in self._gather(scored)]
         return float(np.mean(rewards))
+
+    def _eval_grid(self) -> EvalGrid | None:
+        """The sample grid of every evaluation (training.grids): eval.grid_prompts prompts spread over the
+        evaluation's, each with the evaluation's noise of its first sample (so the grid shows evaluated images)."""
+        cfg = self.cfg
+        if not cfg.eval.grid_prompts:
+            return None
+        prompts = self.prompts[: cfg.eval.num_prompts] if cfg.eval.num_prompts else self.prompts
+        chosen = spread(prompts, cfg.eval.grid_prompts)
+        noise = torch.stack([torch.randn(self.model.latent_shape, generator=seeded_generator(
+            cfg.train.seed, _EVAL, k * cfg.eval.samples_per_prompt)) for k in chosen])
+        return EvalGrid(self.model, self.reward, [prompts[k] for k in chosen], noise,
+                        cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling, self.accelerator,
+                        self.run_dir / "samples", forward=self.ddp_model,
+                        title=f"{cfg.log.run_name}: {cfg.method.name}, ng_lambda={cfg.normguard.ng_lambda}")
+
+    def _write_grid(self, step: int) -> None:
+        if self.grid is not None:
+            self.grid(step)
 
     # ------------------------------------------------------------------------------------------------
     # training
@@ -457,6 +480,7 @@ class Trainer:
         self.setup_seconds = started - self.created
         if 0 not in state.eval_rewards:
             state.eval_rewards[0] = self.evaluate()
+            self._write_grid(0)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
         outer = tqdm(range(state.step + 1, cfg.train.steps + 1), desc=f"{cfg.method.name} steps",
                      disable=not self.progress, dynamic_ncols=True)
@@ -472,6 +496,7 @@ class Trainer:
             eval_reward = math.nan
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 eval_reward = state.eval_rewards[step] = self.evaluate()
+                self._write_grid(step)
             self.log({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)), **stats,
                       "eval_reward": eval_reward, "seconds": time.time() - t0}, step)
             outer.set_postfix(reward=f"{rewards.mean():.3f}", ratio=f"{stats['norm_ratio']:.4f}", refresh=False)
@@ -493,8 +518,10 @@ class Trainer:
         acc.end_training()
         acc.wait_for_everyone()
         last = max(state.eval_rewards)
+        grids = sorted((self.run_dir / "samples").glob("step-*.png"))
         return Summary(self.run_dir, state.eval_rewards[0], state.eval_rewards[last], state.last_norm_ratio,
-                       self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step, self.setup_seconds)
+                       self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step, self.setup_seconds,
+                       grids=[grids[0], grids[-1]] if grids else [])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

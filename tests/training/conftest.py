@@ -21,7 +21,7 @@ def toy_overrides(output_dir, cache_dir, *extra) -> list[str]:
         "rollout.prompts_per_step=3", "rollout.group_size=4", "sampling.num_steps=4", "train.steps=2",
         "train.batch_size=4", "method.nft.num_timesteps=2", "method.awm.num_timesteps=2",
         "method.dpo.num_timesteps=2", "eval.num_prompts=4", "eval.samples_per_prompt=1", "eval.every=0",
-        "log.progress=false", "log.tensorboard=false", "log.checkpoint_every=1", *extra,
+        "log.progress=false", "log.trackers=[csv]", "log.checkpoint_every=1", *extra,
     ]
 
 

@@ -184,7 +184,7 @@ def test_one_training_step_with_a_clip_reward(kind, method, tmp_path, sd3_dir):
         "reward.name=pickscore", f"reward.kwargs={{path: {clip}}}", f"method.name={method}",
         f"method.{method}.num_timesteps=2", "normguard.ng_lambda=0.1", "train.steps=1", "train.batch_size=4",
         "eval.num_prompts=2", "eval.samples_per_prompt=1", f"log.output_dir={tmp_path}", "log.run_name=run",
-        "log.tensorboard=false", "log.progress=false"])
+        "log.trackers=[csv]", "log.progress=false"])
     trainer = Trainer(cfg)
     before = {n: p.detach().clone() for n, p in trainer.model.named_trainable_parameters()}
     summary = trainer.run()

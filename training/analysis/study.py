@@ -102,7 +102,7 @@ def run_configs(base_overrides: list[str], out_dir: Path, seeds: tuple[int, ...]
                 overrides = [*base_overrides, f"method.name={method}", f"train.seed={seed}",
                              f"log.output_dir={out_dir / 'runs'}", f"log.run_name={method}_ng-{ng}_seed-{seed}",
                              "log.checkpoint_every=1", f"log.keep_checkpoints={steps}", "log.progress=false",
-                             "log.tensorboard=false", "eval.every=1"]
+                             "log.trackers=[csv]", "eval.grid_prompts=0", "eval.every=1"]
                 if ng == "off":
                     overrides.append("normguard.ng_lambda=0")
                 cfgs[(method, ng, seed)] = load_config(None, overrides)

@@ -1,0 +1,138 @@
+"""Sample grids: rendering (pixels land where they should, labelled), the along-trajectory norm ratio against a
+closed form, the grids a toy run writes (fixed noise, reference row == policy row at step 0), and the images
+reaching TensorBoard."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from training.grids import CELL, Cell, render_grid, spread, to_uint8, traced_sample
+from training.loop import Trainer
+from training.sampling import sigma_schedule
+
+
+def test_render_grid_upscales_nearest_and_places_every_image():
+    """Each 16 px image has its left half in a colour of its own: after 8x nearest upscaling that colour must be
+    an exact 128 x 64 block, cells ordered left to right by prompt and top to bottom by row."""
+    colours = {(r, c): (40 + 100 * r, 10 + 60 * c, 200 - 30 * c) for r in range(2) for c in range(3)}
+    rows = []
+    for r in range(2):
+        cells = []
+        for c in range(3):
+            img = np.full((16, 16, 3), 128, np.uint8)
+            img[:, :8] = colours[r, c]
+            cells.append(Cell(img, reward=0.1 * c, ratio=1.0 + r))
+        rows.append((f"row {r}", cells))
+    grid = render_grid(rows, ["a red thing", "a green thing", "a blue thing"], title="t")
+    assert grid.dtype == np.uint8 and grid.shape[2] == 3
+    scale = CELL // 16
+    corners = {}
+    for key, colour in colours.items():
+        ys, xs = np.nonzero((grid == colour).all(-1))
+        assert len(ys) == (16 * scale) * (8 * scale), key  # exactly the upscaled half image, nothing else
+        assert ys.max() - ys.min() + 1 == 16 * scale and xs.max() - xs.min() + 1 == 8 * scale
+        corners[key] = (ys.min(), xs.min())
+    for r in range(2):
+        assert corners[r, 0][1] < corners[r, 1][1] < corners[r, 2][1]
+        assert corners[r, 0][0] == corners[r, 1][0] == corners[r, 2][0]
+    assert corners[0, 0][0] < corners[1, 0][0]
+    # text was drawn: dark pixels outside the images (title, prompts, row names, reward and ratio labels)
+    assert ((grid < 60).all(-1)).sum() > 500
+
+
+def test_render_grid_refuses_ragged_rows():
+    cell = Cell(np.zeros((16, 16, 3), np.uint8), 0.0, 1.0)
+    with pytest.raises(ValueError, match="one cell per prompt"):
+        render_grid([("a", [cell])], ["p", "q"])
+
+
+def test_spread_covers_every_colour_shape_and_side_of_the_toy_captions():
+    from training.toy.data import CAPTIONS
+
+    chosen = [CAPTIONS[k] for k in spread(list(CAPTIONS), 8)]
+    assert len(set(chosen)) == 8
+    for word in ("red", "green", "blue", "yellow", "circle", "square", "left", "right"):
+        assert any(word in c for c in chosen), (word, chosen)
+    assert spread(["a", "b"], 8) == [0, 1]
+
+
+class _LinearField(torch.nn.Module):
+    """v = a * x for the policy and b * x inside reference(): the ratio is a / b at every step of any trajectory,
+    and the ODE's result is x1 * prod_k (1 + (s_{k+1} - s_k) a)."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b, self.ref = a, b, False
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.ref = True
+        try:
+            yield
+        finally:
+            self.ref = False
+
+    def velocity(self, x, sigma, cond):
+        return (self.b if self.ref else self.a) * x
+
+
+def test_traced_sample_ratio_is_the_policy_over_the_reference_along_the_trajectory():
+    model = _LinearField(torch.tensor([1.1, 0.7]).view(2, 1, 1, 1), 0.9)
+    x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    sigmas = sigma_schedule(5, 3.0)
+    x0, ratio = traced_sample(model, {}, x1, sigmas)
+    assert torch.allclose(ratio.double(), torch.tensor([1.1 / 0.9, 0.7 / 0.9], dtype=torch.float64), rtol=1e-5)
+    s = sigmas.double().tolist()
+    factor = torch.tensor([np.prod([1 + (s[k + 1] - s[k]) * a for k in range(5)]) for a in (1.1, 0.7)])
+    assert torch.allclose(x0, x1 * factor.view(2, 1, 1, 1), rtol=1e-5)
+    # renormalised sampling uses v * ||v_ref|| / ||v|| = b x, while the ratio stays the raw policy's
+    x0r, ratio_r = traced_sample(model, {}, x1, sigmas, rescale_to_reference=True)
+    assert torch.allclose(ratio_r, ratio)
+    factor_b = np.prod([1 + (s[k + 1] - s[k]) * 0.9 for k in range(5)])
+    assert torch.allclose(x0r, x1 * factor_b, rtol=1e-5)
+
+
+def test_to_uint8_clamps_and_zeroes_non_finite_pixels():
+    x = torch.tensor([[[[0.0, 1.0], [2.0, float("nan")]]]]).expand(1, 3, 2, 2)
+    out = to_uint8(x)
+    assert out.shape == (1, 2, 2, 3) and out[0, 0, 1, 0] == 255 and out[0, 1, 0, 0] == 255 and out[0, 1, 1, 0] == 0
+
+
+def test_a_run_writes_a_grid_at_every_evaluation_from_fixed_noise(toy_cfg):
+    cfg = toy_cfg("train.steps=2", "eval.every=1", "eval.grid_prompts=4", "log.trackers=[csv,tensorboard]")
+    trainer = Trainer(cfg)
+    # before any update the policy is the reference: same noise -> the very same images, ratio exactly 1
+    ref = trainer.grid._sample("reference")
+    pol = trainer.grid._sample("default")
+    assert [j for j, *_ in ref] == [0, 1, 2, 3]
+    for (_, img_r, rew_r, q_r), (_, img_p, rew_p, q_p) in zip(ref, pol):
+        assert np.array_equal(img_r, img_p) and rew_r == rew_p and q_r == 1.0 and q_p == pytest.approx(1.0, abs=1e-6)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(ref, trainer.grid._sample("reference")))  # fixed noise
+    summary = trainer.run()
+    samples = cfg.run_dir / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000000.png", "step-000001.png", "step-000002.png"]
+    assert summary.grids == [samples / "step-000000.png", samples / "step-000002.png"]
+    assert any(str(samples / "step-000002.png") in line for line in summary.lines())
+    from PIL import Image
+
+    first, last = (np.asarray(Image.open(samples / n)) for n in ("step-000000.png", "step-000002.png"))
+    assert first.shape == last.shape and first.shape[0] > 2 * CELL
+    # the images reached TensorBoard, one per evaluation, with the step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cfg.run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    logged = events.Images("samples")
+    assert [e.step for e in logged] == [0, 1, 2]
+    assert (logged[-1].width, logged[-1].height) == (last.shape[1], last.shape[0])
+
+
+def test_grids_can_be_switched_off(toy_cfg):
+    cfg = toy_cfg("train.steps=1", "eval.grid_prompts=0")
+    summary = Trainer(cfg).run()
+    assert summary.grids == [] and not (cfg.run_dir / "samples").exists()
