@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness
+from benchmarks import cases, harness, results, timers
 
 RECORDER_KEY = pytest.StashKey[harness.Recorder]()
 PATHS_KEY = pytest.StashKey[dict]()
@@ -17,7 +17,7 @@ PATHS_KEY = pytest.StashKey[dict]()
 
 def pytest_addoption(parser):
     group = parser.getgroup("ngkernels benchmarks")
-    group.addoption("--bench-shapes", choices=tuple(harness.SHAPE_SETS), default="full",
+    group.addoption("--bench-shapes", choices=tuple(cases.SHAPE_SETS), default="full",
                     help="shape set: full (issue 4's S, M, T, F, XL) or smoke (one tiny shape, for CI)")
     group.addoption("--bench-device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="device to benchmark on (auto: cuda when available)")
@@ -40,27 +40,27 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        selected = harness.cases(metafunc.config.getoption("bench_shapes"))
+        selected = cases.cases(metafunc.config.getoption("bench_shapes"))
         metafunc.parametrize("case", selected, ids=[c.id for c in selected])
 
 
 @pytest.fixture(scope="session")
 def bench_device(pytestconfig):
-    device = harness.resolve_device(pytestconfig.getoption("bench_device"))
-    harness.check_timed_backend(device)
+    device = cases.resolve_device(pytestconfig.getoption("bench_device"))
+    cases.check_timed_backend(device)
     harness.set_threads(pytestconfig.getoption("bench_threads"))
     return device
 
 
 @pytest.fixture(scope="session")
 def bench_env(bench_device):
-    return harness.environment(bench_device)
+    return results.environment(bench_device)
 
 
 @pytest.fixture(scope="session")
 def copy_gbps(bench_device):
     """The physical limit, measured once per run on the benchmarked device."""
-    return harness.copy_bandwidth_gbps(bench_device)
+    return timers.copy_bandwidth_gbps(bench_device)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +71,7 @@ def recorder(pytestconfig) -> harness.Recorder:
 
 def results_dir(config) -> Path:
     chosen = config.getoption("bench_results")
-    return Path(chosen) if chosen else harness.default_results_dir(config.getoption("bench_shapes"))
+    return Path(chosen) if chosen else results.default_results_dir(config.getoption("bench_shapes"))
 
 
 def pytest_sessionfinish(session, exitstatus):

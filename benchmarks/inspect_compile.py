@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from benchmarks import harness
+from benchmarks import cases, results
 
 KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.(\w+)\(", re.M)
 
 
-def inspect_case(op: harness.Op, case: harness.Case, device: torch.device, code_dir: Path | None):
-    inputs = harness.make_inputs(case, device)
+def inspect_case(op: cases.Op, case: cases.Case, device: torch.device, code_dir: Path | None):
+    inputs = cases.make_inputs(case, device)
     args = [inputs["v"]] + [inputs[name] for name in op.inputs]
     explanation = torch._dynamo.explain(op.eager_fn)(*args)
     torch._dynamo.reset()
@@ -40,17 +40,17 @@ def inspect_case(op: harness.Op, case: harness.Case, device: torch.device, code_
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--shape-set", choices=tuple(harness.SHAPE_SETS), default="full")
+    parser.add_argument("--shape-set", choices=tuple(cases.SHAPE_SETS), default="full")
     parser.add_argument("--shapes", nargs="+", default=None, help="names within the shape set (default: all)")
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(harness.DTYPES), default=list(harness.DTYPES))
-    parser.add_argument("--results", type=Path, default=harness.RESULTS_DIR,
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(cases.DTYPES), default=list(cases.DTYPES))
+    parser.add_argument("--results", type=Path, default=results.RESULTS_DIR,
                         help="folder for inductor-<device-slug>.md (default: benchmarks/results)")
     parser.add_argument("--code-dir", type=Path, default=None, help="also write the generated code here")
     args = parser.parse_args(argv)
 
-    device = harness.resolve_device(args.device)
-    env = harness.environment(device)
-    shapes = harness.SHAPE_SETS[args.shape_set]
+    device = cases.resolve_device(args.device)
+    env = results.environment(device)
+    shapes = cases.SHAPE_SETS[args.shape_set]
     unknown = set(args.shapes or []) - set(shapes)
     if unknown:
         raise ValueError(f"unknown shapes {sorted(unknown)}; {args.shape_set} has {sorted(shapes)}")
@@ -60,17 +60,17 @@ def main(argv=None):
              "forward + backward of one step.", "",
              "| op | shape | dtype | graphs | graph breaks | compiled modules | forward kernels | backward kernels |",
              "|---|---|---|---:|---:|---:|---|---|"]
-    for op in harness.OPS.values():
+    for op in cases.OPS.values():
         for shape in args.shapes or shapes:
             for dtype in args.dtypes:
-                case = harness.Case(op.name, "compile", "full", shape, shapes[shape], dtype)
+                case = cases.Case(op.name, "compile", "full", shape, shapes[shape], dtype)
                 graphs, breaks, modules, kernels = inspect_case(
                     op, case, device, args.code_dir)
                 fwd, bwd = (kernels + [[], []])[:2]
                 lines.append(f"| {op.name} | {shape} | {dtype} | {graphs} | {breaks} | {modules} | "
                              f"{len(fwd)}: {', '.join(fwd)} | {len(bwd)}: {', '.join(bwd)} |")
                 print(lines[-1], flush=True)
-    out = args.results / f"inductor-{harness.device_slug(env['device'])}.md"
+    out = args.results / f"inductor-{results.device_slug(env['device'])}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(out)

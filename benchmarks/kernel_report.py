@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import harness
+from benchmarks import cases
 from ngkernels.ops import fm_normguard as kernels
 
 JIT_KERNELS = {"fwd": kernels._fwd_kernel, "bwd": kernels._bwd_kernel}
@@ -61,7 +61,7 @@ def constexprs(compiled) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shapes", choices=tuple(harness.SHAPE_SETS), default="full")
+    parser.add_argument("--shapes", choices=tuple(cases.SHAPE_SETS), default="full")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_report needs a CUDA device: it reads the kernels Triton compiled for it")
@@ -69,8 +69,8 @@ def main(argv=None):
     (args.out / "ptx").mkdir(parents=True, exist_ok=True)
 
     rows, seen = [], set()
-    for case in harness.cases(args.shapes, impls=["ngkernels"], modes=["full"]):
-        fn = harness.Pass(case, harness.make_inputs(case, device))
+    for case in cases.cases(args.shapes, impls=["ngkernels"], modes=["full"]):
+        fn = cases.Pass(case, cases.make_inputs(case, device))
         fn.warm_up(1)
         for key, (kind, compiled) in compiled_kernels().items():
             if key in seen:

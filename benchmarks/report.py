@@ -9,8 +9,10 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.harness import IMPLS, MODES, SHAPE_SETS, read_rows
+from benchmarks.cases import IMPLS, MODES, SHAPE_SETS
+from benchmarks.results import read_rows
 from benchmarks.train_step import TRAIN_STEP
+
 SHAPE_ORDER = [s for shape_set in SHAPE_SETS.values() for s in shape_set]
 MEMORY_SLACK_MIB = 1.0  # the per-sample partials, stats and ticket buffers (kilobytes) on top of the gradient
 

@@ -1,6 +1,6 @@
 """Every op x implementation x mode x shape x dtype, timed with pytest-benchmark (and do_bench on CUDA).
 
-The case list comes from `harness.cases` (parametrised in conftest.py by --bench-shapes); each test adds one
+The case list comes from `cases.cases` (parametrised in conftest.py by --bench-shapes); each test adds one
 row to the run's CSV. A full pass of ngkernels and of torch.compile must agree with eager before it is timed.
 """
 
@@ -11,20 +11,20 @@ import statistics
 
 import torch
 
-from benchmarks import harness
+from benchmarks import cases, harness, timers
 
 
 def test_op(case, benchmark, bench_device, bench_env, copy_gbps, recorder, pytestconfig):
     if case.mode == "full" and case.impl != "eager":
-        harness.check_agreement(case, bench_device)
+        cases.check_agreement(case, bench_device)
 
-    def timer(fn: harness.Pass):
+    def timer(fn: cases.Pass):
         if bench_device.type == "cuda":
             # do_bench is the number reported; pytest-benchmark's own table gets the synchronised wall time
-            result = harness.time_cuda(fn)
+            result = timers.time_cuda(fn)
             benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), setup=fn.reset, rounds=20, warmup_rounds=2)
             return result
-        rounds = harness.rounds_for(fn, pytestconfig.getoption("bench_max_time"))
+        rounds = timers.rounds_for(fn, pytestconfig.getoption("bench_max_time"))
         benchmark.pedantic(fn, setup=fn.reset, rounds=rounds, iterations=1)
         samples_ms = [s * 1e3 for s in benchmark.stats.stats.data]
         deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, report, train_step
+from benchmarks import cases, report, results, train_step
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE_CASES = len(harness.cases("smoke"))
+SMOKE_CASES = len(cases.cases("smoke"))
 
 
 def run(args, tmp_path, timeout=240):
@@ -38,7 +38,7 @@ def read_csv(path):
 
 
 def check_rows(rows, ops=None, impls=None):
-    expected = {(c.op, c.impl, c.mode, c.shape, c.dtype) for c in harness.cases("smoke", ops=ops, impls=impls)}
+    expected = {(c.op, c.impl, c.mode, c.shape, c.dtype) for c in cases.cases("smoke", ops=ops, impls=impls)}
     assert {(r["op"], r["impl"], r["mode"], r["shape"], r["dtype"]) for r in rows} == expected
     for r in rows:
         assert r["device"].startswith("CPU (") and r["torch"] == __import__("torch").__version__ and r["date"]
@@ -65,7 +65,7 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
               tmp_path)
     train_step_runs = train_step.unavailable_reason() is None
     assert f"{SMOKE_CASES + train_step_runs} passed" in out.stdout
-    slug = harness.device_slug(harness.device_name(__import__("torch").device("cpu")))
+    slug = results.device_slug(results.device_name(__import__("torch").device("cpu")))
     rows = read_csv(tmp_path / f"{slug}.csv")
     check_rows([r for r in rows if r["op"] != report.TRAIN_STEP])
     assert {r["timer"] for r in rows if r["op"] != report.TRAIN_STEP} == {"pytest-benchmark"}
@@ -76,7 +76,7 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
         assert all(float(r["median_ms"]) > 0 for r in steps)
         assert "## One training step, NormGuard off vs on, median ms (p20-p80)" in markdown
     assert "## Full pass (forward + backward)" in markdown and "checked only in CUDA results" in markdown
-    for op in harness.OPS:
+    for op in cases.OPS:
         assert f"| {op} | tiny | bf16 |" in markdown and f"| {op} | tiny | fp32 |" in markdown
     png = (tmp_path / f"{slug}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -89,7 +89,7 @@ def test_plain_runner_writes_the_same_csv(tmp_path):
          "--train-step-rounds", "0"], tmp_path)
     (csv_path,) = tmp_path.glob("*.csv")
     rows = read_csv(csv_path)
-    assert list(rows[0]) == list(harness.CSV_COLUMNS)
+    assert list(rows[0]) == list(results.CSV_COLUMNS)
     check_rows(rows, ops=["fm_normguard"], impls=["ngkernels", "eager"])
     assert {r["timer"] for r in rows} == {"perf_counter"}
     assert csv_path.with_suffix(".md").exists() and csv_path.with_suffix(".png").exists()
@@ -101,11 +101,11 @@ def test_interpreter_is_never_timed(monkeypatch):
 
     monkeypatch.setattr(functional, "triton_interpreted", lambda: True)
     with pytest.raises(ValueError, match="never timed"):
-        harness.check_timed_backend(__import__("torch").device("cpu"))
+        cases.check_timed_backend(__import__("torch").device("cpu"))
 
 
 def cuda_row(op, impl, shape, dtype, ms, fraction, **extra):
-    row = dict.fromkeys(harness.CSV_COLUMNS, "")
+    row = dict.fromkeys(results.CSV_COLUMNS, "")
     row.update(device="NVIDIA H100 80GB HBM3", device_type="cuda", op=op, impl=impl, mode="full", shape=shape,
                dims="1x1", dtype=dtype, median_ms=str(ms), bw_fraction=str(fraction), copy_gbps="3000")
     row.update({k: str(v) for k, v in extra.items()})
