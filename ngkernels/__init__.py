@@ -1,7 +1,11 @@
-"""ngkernels: fused NormGuard and flow-matching losses (Triton on CUDA, torch on CPU)."""
+"""ngkernels: fused NormGuard and flow-matching losses (Triton on CUDA, torch on CPU).
 
-from ngkernels import library  # noqa: F401  (registers the torch.library ops)
-from ngkernels.functional import LossStats
+Layers, each importing only those before it: options -> reference -> ops (fm_normguard: Triton kernels;
+torch_backend) -> fused (the forward/backward pair) -> library (autograd.Function and torch.library ops)
+-> functional (the public functions) -> modules -> this package. aot (the native generator) sits beside
+functional, over options and ops.
+"""
+
 from ngkernels.functional import flow_matching_loss
 from ngkernels.functional import fm_normguard_loss
 from ngkernels.functional import normguard_loss
@@ -9,6 +13,7 @@ from ngkernels.functional import velocity_norms
 from ngkernels.modules import FlowMatchingLoss
 from ngkernels.modules import FMNormGuardLoss
 from ngkernels.modules import NormGuard, NormGuardLoss
+from ngkernels.reference import LossStats
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,14 @@
-"""torch.library registration: the fused op as opaque custom ops, so torch.compile(fullgraph=True) keeps it whole.
+"""The fused halves (`ngkernels/fused.py`) as a differentiable op, through two thin adapters:
 
-`ngkernels::fused_loss_fwd` / `ngkernels::fused_loss_bwd` wrap `functional.fused_forward` / `fused_backward`
-(Triton on CUDA, torch on CPU). Opaque custom ops (not triton_op) because Inductor would trace a triton_op's
-body and ask for a GPU driver on CPU-only machines, and wrap_triton rejects interpreted kernels.
+- `FusedLossFunction`, an eager torch.autograd.Function: forward saves (v, target, coef), backward calls
+  `fused_backward`;
+- the torch.library custom ops `ngkernels::fused_loss_fwd` / `ngkernels::fused_loss_bwd` with their autograd
+  registration, what torch.compile sees: opaque ops, so `torch.compile(fullgraph=True)` keeps them whole. Opaque
+  custom ops (not triton_op) because Inductor would trace a triton_op's body and ask for a GPU driver on
+  CPU-only machines, and wrap_triton rejects interpreted kernels. A custom op's schema cannot take a NamedTuple:
+  `LossOptions` is unpacked into its fields here, and only here.
+
+`fused_loss` picks the adapter: the custom op while torch.compile traces, the autograd.Function otherwise.
 """
 
 from __future__ import annotations
@@ -10,33 +16,77 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ngkernels import functional as F
+from ngkernels.fused import fused_backward
+from ngkernels.fused import fused_forward
+from ngkernels.options import REDUCTIONS
+from ngkernels.options import LossOptions
+from ngkernels.options import accumulation_dtype
+from ngkernels.options import reduction_code
 
-_REDUCTIONS = ("none", "mean", "sum")
+
+def fused_loss(v2d, t2d, r2d, weight, opts: LossOptions, backend: str, keep: bool):
+    """-> (loss, stats [3, B]), differentiable in v2d (the only input that gets a gradient)."""
+    if torch.compiler.is_compiling():
+        loss, stats, _coef = _fwd(v2d, t2d, r2d, weight, *_fields(opts), backend, keep)
+        return loss, stats
+    return FusedLossFunction.apply(v2d, t2d, r2d, weight, opts, backend, keep)
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """Eager autograd: loss and stats in the forward, the gradient (scaled by grad_output) in the backward."""
+
+    @staticmethod
+    def forward(ctx, v2d, t2d, r2d, weight, opts: LossOptions, backend: str, keep: bool):
+        loss, stats, coef = fused_forward(v2d, t2d, r2d, weight, opts, backend, keep)
+        ctx.save_for_backward(v2d, t2d, coef)
+        ctx.opts, ctx.has_ref, ctx.backend = opts, r2d is not None, backend
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @once_differentiable  # the gradient is a closed form of saved per-sample scalars: no double backward
+    def backward(ctx, grad_loss, _grad_stats):
+        v2d, t2d, coef = ctx.saved_tensors
+        return fused_backward(grad_loss, v2d, t2d, coef, ctx.opts, ctx.has_ref, ctx.backend), *[None] * 6
+
+
+# ---------------------------------------------------------------------------------------------------
+# The custom ops. LossOptions crosses the forward's schema as (ng_lambda, margin, relative, squared, reduction
+# code); the backward needs only the reduction.
+
+def _fields(opts: LossOptions):
+    return float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared), \
+        reduction_code(opts.reduction)
+
+
+def _options(ng_lambda: float, margin: float, relative: bool, squared: bool, reduction: int) -> LossOptions:
+    return LossOptions(ng_lambda, margin, relative, squared, REDUCTIONS[reduction])
 
 
 @torch.library.custom_op("ngkernels::fused_loss_fwd", mutates_args=())
 def _fwd(v: torch.Tensor, target: Optional[torch.Tensor], v_ref: Optional[torch.Tensor],
          weight: Optional[torch.Tensor], ng_lambda: float, margin: float, relative: bool, squared: bool,
          reduction: int, backend: str, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, stats, coef = F.fused_forward(v, target, v_ref, weight, ng_lambda, margin, relative, squared,
-                                        _REDUCTIONS[reduction], backend, keep)
-    return loss, stats, coef
+    opts = _options(ng_lambda, margin, relative, squared, reduction)
+    return fused_forward(v, target, v_ref, weight, opts, backend, keep)
 
 
 @_fwd.register_fake
 def _(v, target, v_ref, weight, ng_lambda, margin, relative, squared, reduction, backend, keep):
-    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(v.dtype)
     B = v.shape[0]
-    loss = v.new_empty((B,) if reduction == 0 else (), dtype=acc)
+    loss = v.new_empty((B,) if REDUCTIONS[reduction] == "none" else (), dtype=acc)
     return loss, v.new_empty((3, B), dtype=acc), v.new_empty((2, B), dtype=acc)
 
 
 @torch.library.custom_op("ngkernels::fused_loss_bwd", mutates_args=())
 def _bwd(grad: torch.Tensor, v: torch.Tensor, target: Optional[torch.Tensor], coef: torch.Tensor,
          has_ref: bool, reduction: int, backend: str) -> torch.Tensor:
-    return F.fused_backward(grad, v, target, coef, has_ref, _REDUCTIONS[reduction], backend)
+    # The backward reads only the reduction from the options (the rest is folded into coef). Changing this
+    # schema would also break compiled graphs already in Inductor's on-disk cache, which is keyed on the forward.
+    return fused_backward(grad, v, target, coef, LossOptions(reduction=REDUCTIONS[reduction]), has_ref, backend)
 
 
 @_bwd.register_fake
@@ -45,23 +95,14 @@ def _(grad, v, target, coef, has_ref, reduction, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    v, target, v_ref, _w, _lam, _m, _rel, _sq, reduction, backend, _keep = inputs
+    v, target, v_ref, _weight, _ng_lambda, _margin, _relative, _squared, reduction, backend, _keep = inputs
     ctx.save_for_backward(v, target, output[2])
-    ctx.options = (v_ref is not None, reduction, backend)
+    ctx.fields = (v_ref is not None, reduction, backend)
 
 
 def _backward(ctx, grad_loss, _grad_stats, _grad_coef):
     v, target, coef = ctx.saved_tensors
-    has_ref, reduction, backend = ctx.options
-    return _bwd(grad_loss, v, target, coef, has_ref, reduction, backend), None, None, None, None, None, None, \
-        None, None, None, None
+    return _bwd(grad_loss, v, target, coef, *ctx.fields), *[None] * 10
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fused_loss_op(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, reduction: str, backend: str,
-                  keep: bool):
-    """The compile-friendly twin of `functional.FusedLossFunction.apply` (same outputs plus coef)."""
-    return _fwd(v2d, t2d, r2d, weight, ng_lambda, margin, relative, squared, _REDUCTIONS.index(reduction), backend,
-                keep)

@@ -1,6 +1,7 @@
 """The NormGuard / flow-matching math, written once in plain torch.
 
-This module is both the CPU ("torch") backend of every op and the float64 oracle of the tests.
+This module is the float64 oracle of the tests and the math of the torch backend
+(`ngkernels/ops/torch_backend.py`, which runs these same functions, compiled above a size threshold).
 
 Per sample i (v flattened over all non-batch dims to N elements):
 
@@ -19,6 +20,7 @@ Gradients flow to v only:
 
 `sample_stats` -> `loss_terms` is the loss; `grad_coefficients` is its hand-derived gradient. The tests
 differentiate `reference_loss` (float64, autograd) to check `grad_coefficients` and every kernel.
+Reduction names and the accumulation dtype are `ngkernels/options.py`'s.
 """
 
 from __future__ import annotations
@@ -28,23 +30,20 @@ from typing import NamedTuple, Optional
 
 import torch
 
-REDUCTIONS = ("none", "mean", "sum")
+from ngkernels.options import accumulation_dtype
 
 
-class SampleStats(NamedTuple):
-    """Per-sample reductions of one pass over the data (each [B], accumulation dtype)."""
+class LossStats(NamedTuple):
+    """Per-sample reductions of one pass over the data (each [B], float32; float64 for float64 inputs).
+
+    Public as `ngkernels.LossStats`: `fm_normguard_loss(..., return_stats=True)` returns the op's own."""
 
     v_norm: torch.Tensor  # ||v_i||
     ref_norm: Optional[torch.Tensor]  # ||v_ref,i|| (None without v_ref)
     mse: Optional[torch.Tensor]  # mean_j (v_ij - target_ij)^2 (None without target)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates (and reports) in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Optional[torch.Tensor]) -> SampleStats:
+def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Optional[torch.Tensor]) -> LossStats:
     """Norms and MSE of [B, N] views, accumulated in float32 (float64 for float64 inputs)."""
     acc = accumulation_dtype(v2d.dtype)
     # upcast, then reduce: on CPU twice as fast for bf16 as vector_norm(..., dtype=acc)
@@ -56,7 +55,7 @@ def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Opt
         mse = (v2d.to(acc) - target2d.to(acc)).square().mean(dim=1)
     else:  # the torch backend's forward: one temporary of the accumulation dtype
         mse = target2d.to(acc, copy=True).neg_().add_(v2d).square_().mean(dim=1)
-    return SampleStats(v_norm, ref_norm, mse)
+    return LossStats(v_norm, ref_norm, mse)
 
 
 def hinge_excess(v_norm, ref_norm, margin: float, relative: bool):
@@ -65,8 +64,11 @@ def hinge_excess(v_norm, ref_norm, margin: float, relative: bool):
     return torch.where(torch.isfinite(ref_norm), excess, torch.nan)
 
 
-def loss_terms(stats: SampleStats, weight, ng_lambda: float, margin: float, relative: bool, squared: bool):
+def loss_terms(stats: LossStats, weight, ng_lambda: float, margin: float, relative: bool, squared: bool):
     """Per-sample loss [B] from the stats. Differentiable (the oracle runs autograd through it).
+
+    ng_lambda and margin are floats, or 0-d tensors (the compiled torch backend passes tensors, so that a new
+    value is not a new compiled variant).
 
     A NaN excess stays NaN (torch.relu propagates it), so non-finite inputs never become a finite loss.
     """
@@ -79,7 +81,7 @@ def loss_terms(stats: SampleStats, weight, ng_lambda: float, margin: float, rela
     return loss
 
 
-def grad_coefficients(stats: SampleStats, weight, n_elements: int, ng_lambda: float, margin: float,
+def grad_coefficients(stats: LossStats, weight, n_elements: int, ng_lambda: float, margin: float,
                       relative: bool, squared: bool):
     """(a, c) with d loss_i / d v_i = a_i v_i + c_i (v_i - target_i); either may be None when its term is absent."""
     a = c = None
