@@ -50,9 +50,11 @@ START = time.perf_counter()  # the budget counts from here: imports and the mode
 import torch  # noqa: E402
 
 # SD3.5-Medium's transformer, as published in stabilityai/stable-diffusion-3.5-medium transformer/config.json
-# (diffusers SD3Transformer2DModel; 2.47 B parameters): 24 MMDiT-X blocks of width 24 x 64 = 1536, the first 13
-# with dual (joint + image-only) attention, RMS-normed queries and keys; 16-channel latents of 1/8 the image
-# size, 2x2 patches; T5 (4096) + CLIP (pooled 768 + 1280 = 2048) conditioning.
+# (diffusers SD3Transformer2DModel): 24 MMDiT-X blocks of width 24 x 64 = 1536, the first 13 with dual (joint +
+# image-only) attention, RMS-normed queries and keys; 16-channel latents of 1/8 the image size, 2x2 patches;
+# T5 (4096) + CLIP (pooled 768 + 1280 = 2048) conditioning. 2.243 B parameters plus the 384^2 x 1536 positional-
+# embedding buffer (0.226 B): 2.469 B values, the 4.94 GB of the published fp16 checkpoint. (Checked against two
+# public copies of that config.json; tests/benchmarks/test_gpu_rl_step.py checks the count on the meta device.)
 SD35_MEDIUM = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
@@ -462,6 +464,8 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - START:6.1f} s] {msg}", flush=True)
 
     deadline = START + args.budget_s
+    if device.type == "cpu":  # the tiny model's matrices are too small for intra-op threads to pay off
+        torch.set_num_threads(1)
     arch, prompt_tokens = (TINY, TINY_PROMPT_TOKENS) if args.tiny else (SD35_MEDIUM, SD35_PROMPT_TOKENS)
     arch_name = "a tiny SD3.5-architecture transformer" if args.tiny else "SD3.5-Medium (random weights)"
     env = environment(device)
