@@ -232,13 +232,14 @@ class Trainer:
         return {k: v.index_select(0, index.to(v.device)) for k, v in enc.items()}
 
     def _generate(self, prompts: list[str], generators: list[torch.Generator], num_steps: int, sampler: str,
-                  policy: str, bar=None) -> torch.Tensor:
-        """Clean latents for the prompts, one generator per image (initial noise, then SDE noise)."""
+                  policy: str, bar=None, record: bool = False) -> torch.Tensor:
+        """Clean latents for the prompts, one generator per image (initial noise, then SDE noise). record: a coupled
+        method (GRPO) samples itself -> (clean latents, its per-image record of the trajectory)."""
         cfg, device = self.cfg.sampling, self.accelerator.device
         sigmas = sigma_schedule(num_steps, cfg.shift)
         x1 = torch.stack([torch.randn(self.model.latent_shape, generator=g) for g in generators]).to(device)
         step_noise = None
-        if sampler == "sde":
+        if sampler == "sde" or record:
             step_noise = torch.stack([torch.randn((num_steps, *self.model.latent_shape), generator=g)
                                       for g in generators], dim=1).to(device)
         cond = self._encode(prompts)
@@ -246,8 +247,10 @@ class Trainer:
         with torch.no_grad(), self.model.use_adapter(policy), self.accelerator.autocast():
             velocity = policy_velocity(self.model, cond, cfg.guidance_scale, uncond, cfg.rescale_to_reference,
                                        cfg.rescale_phi, forward=self.ddp_model)
-            return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise,
-                          progress=None if bar is None else (lambda: bar.update(len(prompts))))
+            progress = None if bar is None else (lambda: bar.update(len(prompts)))
+            if record:
+                return self.method.sample_rollout(velocity, x1, sigmas, step_noise, generators, progress)
+            return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise, progress=progress)
 
     def _score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -263,7 +266,8 @@ class Trainer:
         return gather_object(pairs) if self.accelerator.num_processes > 1 else pairs
 
     def rollout(self, step: int):
-        """-> (local latents {slot: x0}, all rewards [S], all prompt ids [S], prompt strings per slot)."""
+        """-> (local latents {slot: x0} (a coupled method: {slot: its trajectory record}), all rewards [S], all prompt
+        ids [S], prompt strings per slot)."""
         cfg = self.cfg
         P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         g = seeded_generator(cfg.train.seed, _PROMPTS, step)
@@ -279,10 +283,13 @@ class Trainer:
             for start in range(0, len(local), bs):
                 chunk = local[start:start + bs]
                 prompts = [slot_prompts[j] for j in chunk]
-                x0 = self._generate(prompts, [seeded_generator(cfg.train.seed, _ROLLOUT, step, j) for j in chunk],
-                                    cfg.sampling.num_steps, cfg.sampling.sampler, self.method.rollout_policy(), bar)
+                coupled = self.method.coupled
+                out = self._generate(prompts, [seeded_generator(cfg.train.seed, _ROLLOUT, step, j) for j in chunk],
+                                     cfg.sampling.num_steps, cfg.sampling.sampler, self.method.rollout_policy(), bar,
+                                     record=coupled)
+                x0, kept = out if coupled else (out, out)
                 rewards = self._score(x0, prompts)
-                for j, x, r in zip(chunk, x0, rewards.tolist()):
+                for j, x, r in zip(chunk, kept, rewards.tolist()):
                     latents[j] = x
                     scored.append((j, r))
         all_rewards = torch.empty(P * G)
@@ -348,6 +355,9 @@ class Trainer:
                epoch: int) -> TrainBatch:
         T, k = self.method.num_timesteps, self.method.slots_per_item
         gens = [seeded_generator(self.cfg.train.seed, _TRAIN, step, epoch, idx) for idx, _ in chunk]
+        if self.method.coupled:  # GRPO: the rows are the rollout's own transitions, not forward-noised x0
+            prompts = [cond_prompts[it.slots[0]] for _, it in chunk for _ in range(T)]
+            return self.method.transition_batch([it for _, it in chunk], latents, gens, prompts, self._encode)
         sigmas = train_sigmas(self.method.timestep_scheme, len(chunk), T, self.sampler_sigmas,
                               self.cfg.sampling.shift, gens)
         noise = torch.stack([torch.randn((T, *self.model.latent_shape), generator=g) for g in gens])  # [I, T, ...]

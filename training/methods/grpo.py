@@ -124,7 +124,7 @@ def sample_sde_trajectory(velocity: Callable, x1: torch.Tensor, sigmas: torch.Te
         states.append(x)
         on = stochastic[k].to(x.device) & (sig[k + 1] > 0)
         v = velocity(x, torch.full((B,), sig[k], device=x.device))
-        mean, scale, _, _ = sde_gaussian(x, v, sig[k], sig[k + 1], sigma_max, on * float(noise_level))
+        mean, scale, _, _ = sde_gaussian(x, v, sig[k], sig[k + 1], sigma_max, on.double() * noise_level)
         view = (-1, *([1] * (x.dim() - 1)))
         x_next = mean + scale.view(view) * step_noise[k].to(mean.dtype)
         lp = gaussian_log_prob(x_next, mean, torch.where(on, scale, torch.ones_like(scale)))
@@ -263,7 +263,7 @@ class GRPO(Method):
         if batch.uncond is None:
             return v_c
         with torch.no_grad():
-            v_u = velocity(batch.x_t, batch.sigma, batch.uncond)
+            v_u = velocity(batch.x_t, batch.sigma, batch.uncond).detach()
         return v_u + self.guidance * (v_c - v_u)
 
     def log_prob(self, v: torch.Tensor, batch: TransitionBatch):
