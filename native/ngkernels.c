@@ -194,8 +194,9 @@ static ng_status load_function(context_state *s, int index) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * Launch rule: ngkernels.ops.fm_normguard.launch_config with BLOCK_N rounded up to a compiled tile, whose ROWS
- * fill the whole tile (ngkernels.aot.aot_launch_plan is the same rule in Python; tests compare both). */
+ * Launch rule: ngkernels.ops.fm_normguard.launch_plan over the compiled tiles (BLOCK_N rounded up to one), one
+ * wave being the SMs x the tile's programs_per_sm, which the generator derived from the cubins' registers
+ * (ngkernels.aot.aot_launch_plan is the same rule in Python; tests compare both). */
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -222,7 +223,7 @@ ng_status ng_launch_plan(int64_t batch, int64_t numel, int num_sms, int splits, 
     plan->block_n = t->block_n;
     plan->n_row_blocks = cdiv(batch, t->rows);
     int64_t max_splits = min64(cdiv(numel, t->block_n), NG_MAX_SPLITS);
-    int64_t want = splits > 0 ? splits : cdiv((int64_t)NG_PROGRAMS_PER_SM * num_sms, plan->n_row_blocks);
+    int64_t want = splits > 0 ? splits : cdiv((int64_t)t->programs_per_sm * num_sms, plan->n_row_blocks);
     plan->chunk = cdiv(cdiv(numel, max64(1, min64(want, max_splits))), t->block_n) * t->block_n;
     plan->n_splits = max64(1, cdiv(numel, plan->chunk));
     plan->num_warps = t->num_warps;
@@ -240,7 +241,7 @@ static int forced_splits(const ng_options *o) {
  * Workspace: float32/int32 regions, each 256-byte aligned from a 256-byte aligned base. */
 
 typedef struct ws_layout {
-    size_t part, count, stats, coef, per_sample, out, ones, go, total;
+    size_t part, count, bsum, stats, coef, per_sample, out, ones, go, total;
 } ws_layout;
 
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
@@ -253,6 +254,7 @@ static ws_layout layout_of(int64_t B, int64_t N) {
     size_t at = 0;
     w.part = at, at = align256(at + 4 * 3 * b * max_splits);          /* [B, splits, 3] partial sums */
     w.count = at, at = align256(at + 4 * ((size_t)cdiv(B, t->rows) + 1)); /* tickets: zeroed per forward */
+    w.bsum = at, at = align256(at + 4 * (size_t)cdiv(B, t->rows));      /* per-row-block loss sums */
     w.stats = at, at = align256(at + 4 * 3 * b);                       /* [3, B] if the caller passes none */
     w.coef = at, at = align256(at + 4 * 2 * b);                        /* [2, B] if the caller passes none */
     w.per_sample = at, at = align256(at + 4 * b);                      /* per-sample loss under mean/sum */
@@ -436,13 +438,14 @@ static ng_status forward(const ng_inputs *in, const ng_options *o, float *loss, 
     a.stride_r = has_r ? in->v_ref_row_stride : 0;
     a.PART = base + w->part;
     a.COUNT = base + w->count;
+    a.BSUM = base + w->bsum;
     a.STATS = stats ? dptr(stats) : base + w->stats;
     a.COEF = coef ? dptr(coef) : base + w->coef;
     a.LOSS = none ? dptr(loss) : base + w->per_sample;
     a.OUT = none ? base + w->out : dptr(loss);
     a.B = (int32_t)in->batch;
     a.N = (int32_t)in->numel;
-    a.chunk = (int32_t)plan.chunk;
+    a.chunk_blocks = (int32_t)(plan.chunk / plan.block_n);
     a.n_splits = (int32_t)plan.n_splits;
     a.n_row_blocks = (int32_t)plan.n_row_blocks;
     a.ng_lambda = o->ng_lambda;
@@ -484,7 +487,7 @@ static ng_status backward(const ng_inputs *in, const ng_options *o, const float 
     a.GO = go;
     a.B = (int32_t)in->batch;
     a.N = (int32_t)in->numel;
-    a.chunk = (int32_t)plan.chunk;
+    a.chunk_blocks = (int32_t)(plan.chunk / plan.block_n);
     a.go_scale = o->reduction == NG_REDUCTION_MEAN ? (float)(1.0 / (double)in->batch) : 1.0f;
     void *params[NG_MAX_PARAMS];
     ng_bwd_params(&a, k->scratch_params, params);

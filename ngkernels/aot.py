@@ -13,17 +13,17 @@ compiles every kernel specialisation the C library dispatches to with `triton.co
 
 The kernels (`ngkernels/ops/fm_normguard.py`) are the single source of truth. Everything about them is read
 from them: argument names and order, which arguments are constexpr, the flags, the tile rule
-(`launch_config` and its constants). What is decided here, for the native library only:
-  * tiles: (ROWS, BLOCK_N) with BLOCK_N in AOT_BLOCK_NS and ROWS = _TILE // BLOCK_N; the C rule is
-    launch_config's rule with BLOCK_N rounded up to the next compiled one (see `aot_launch_plan`);
-  * BLOCK_S = the largest split count a tile can get, BLOCK_B = 1024 (triton_forward's cap): any value
-    at least as large gives the same result, masks cover the rest;
+(`ops.tile_of`, `ops.launch_plan` and their constants). What is decided here, for the native library only:
+  * tiles: `ops.tile_of` with BLOCK_N rounded up to the next of AOT_BLOCK_NS; the C rule is `ops.launch_plan`
+    with those tiles and, per tile, the CTAs per SM its compiled forward kernels allow (registers read from
+    the cubins, `ops.ctas_per_sm`), written into the tile table (see `aot_launch_plan`);
+  * BLOCK_S and BLOCK_B as the Python launcher sets them (`ops.tile_of`, `ops.BLOCK_B`);
   * REDUCE=True and HAS_W=HAS_T always (a reduction "none" call writes the reduced value to the
     workspace; a missing weight is a workspace row of ones): same results, half the specialisations;
   * integer arguments are never specialised on the value 1 (the JIT would make them constexpr); an
     "aligned" variant carries the JIT's divisibility-by-16 hints on the input pointers, row strides and N,
-    a "generic" variant none, and the library picks one per call; `chunk` (a multiple of BLOCK_N >= 16)
-    and the workspace pointer PART always carry the hint.
+    a "generic" variant none, and the library picks one per call; the workspace pointer PART always carries
+    the hint; B and the split/chunk/row-block counts never do (the JIT does not specialise them either).
 """
 
 from __future__ import annotations
@@ -45,14 +45,12 @@ import torch
 import triton
 
 from ngkernels.ops import fm_normguard as ops
+from ngkernels.options import reduction_code
 
 KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel"}
 ARCHS = (80, 90)  # cc 8.x runs the sm_80 cubins, 9.0 the sm_90(a) ones
 DTYPES = ("fp32", "bf16", "fp16")  # C enum order: NG_FLOAT32, NG_BFLOAT16, NG_FLOAT16
-AOT_BLOCK_NS = (16, 128, 1024, ops._MAX_BLOCK_N)  # compiled BLOCK_N; ROWS = _TILE // BLOCK_N
-PROGRAMS_PER_SM = ops._PROGRAMS_PER_SM
-CPU_SMS = 2  # launch_config's SM count for non-CUDA devices
-BLOCK_B = 1024  # triton_forward: BLOCK_B = min(1024, next_power_of_2(B))
+AOT_BLOCK_NS = (16, 128, 1024, ops.TILE)  # compiled BLOCK_N; ROWS = TILE // BLOCK_N
 DIVISIBILITY = 16  # the JIT's hint: pointers 16-byte aligned, integers multiples of 16
 
 # Argument types by name. Input pointers (V, T, R and the gradient G) take the problem's dtype; every
@@ -60,21 +58,20 @@ DIVISIBILITY = 16  # the JIT's hint: pointers 16-byte aligned, integers multiple
 # the generator with a message instead of guessing.
 INPUT_POINTERS = ("V", "T", "R", "G")
 ARG_TYPES = {
-    "W": "*fp32", "PART": "*fp32", "COUNT": "*i32", "STATS": "*fp32", "COEF": "*fp32", "LOSS": "*fp32",
+    "W": "*fp32", "PART": "*fp32", "COUNT": "*i32", "BSUM": "*fp32", "STATS": "*fp32", "COEF": "*fp32", "LOSS": "*fp32",
     "OUT": "*fp32", "GO": "*fp32",
     "stride_v": "i64", "stride_t": "i64", "stride_r": "i64",
-    "B": "i32", "N": "i32", "chunk": "i32", "n_splits": "i32", "n_row_blocks": "i32",
+    "B": "i32", "N": "i32", "chunk_blocks": "i32", "n_splits": "i32", "n_row_blocks": "i32",
     "ng_lambda": "fp32", "margin": "fp32", "inv_n": "fp32", "out_scale": "fp32", "go_scale": "fp32",
 }
 ALIGNED_HINTS = ("V", "T", "R", "G", "stride_v", "stride_t", "stride_r", "N")  # only in "aligned" variants
-ALWAYS_HINTS = ("chunk", "PART")
+ALWAYS_HINTS = ("PART",)
 C_TYPES = {"*": "CUdeviceptr", "i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 PTX_TYPES = {"*": {"u64", "b64"}, "i32": {"u32", "s32", "b32"}, "i64": {"u64", "s64", "b64"},
              "fp32": {"f32", "b32"}}
 TILE_CONSTEXPRS = ("ACC", "ROWS", "BLOCK_N", "BLOCK_S", "BLOCK_B")
-# Constexprs with one value in the library: its one call runs the forward and then the backward, so the
-# forward keeps v and target in L2 for it.
-FIXED_CONSTEXPRS = {"KEEP": ops.KEEP_POLICY}
+# Constexprs with one value in the library: the L2 policy as the Python launcher's default (ops.L2_KEEP).
+FIXED_CONSTEXPRS = {**ops.l2_policies(ops.L2_KEEP), "REVERSE": ops.L2_KEEP}
 
 # Constexpr flag combinations the library uses: normguard alone, fm + normguard, flow matching alone.
 _TERMS = ((False, True), (True, True), (True, False))  # (target, v_ref)
@@ -122,44 +119,80 @@ def flag_names(kind):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiles and the launch rule shared with launch_config
+# Tiles and the launch rule shared with the Python launcher (ops.launch_plan)
 
 
 @dataclass(frozen=True)
 class Tile:
     rows: int
     block_n: int
-    block_s: int  # power of two >= the largest split count this tile can get
+    block_s: int  # split partials the last arrival reads per step
     num_warps: int
 
 
 @functools.lru_cache(maxsize=None)
 def aot_tiles():
-    """One tile per compiled BLOCK_N: launch_config's own choice for a problem with that many full rows."""
+    """One tile per compiled BLOCK_N: the Python launcher's own tile for rows of exactly that length."""
     tiles = []
     for block_n in sorted(AOT_BLOCK_NS):
-        rows, bn, _, _, _, num_warps = ops.launch_config(ops._TILE // block_n, block_n, torch.device("cpu"), 1)
+        rows, bn, num_warps, block_s = ops.tile_of(block_n)
         assert bn == block_n, (bn, block_n)
-        # a row longer than BLOCK_N exists only for the largest BLOCK_N (block_n = min(next_pow2(N), max))
-        max_splits = ops._MAX_SPLITS if block_n == ops._MAX_BLOCK_N else 1
-        tiles.append(Tile(rows, block_n, triton.next_power_of_2(max_splits), num_warps))
-    if tiles[-1].block_n != ops._MAX_BLOCK_N:
-        raise SystemExit("ngkernels.aot: AOT_BLOCK_NS must contain launch_config's _MAX_BLOCK_N")
+        tiles.append(Tile(rows, block_n, block_s, num_warps))
+    if tiles[-1].block_n != ops.TILE:
+        raise SystemExit("ngkernels.aot: AOT_BLOCK_NS must contain the widest tile, ops.TILE")
     return tuple(tiles)
 
 
-def aot_launch_plan(B, N, num_sms, splits=0):
-    """The C library's launch rule, in Python (native/ngkernels.c implements the same lines):
-    launch_config with BLOCK_N rounded up to a compiled tile, whose ROWS fill the whole tile.
-    Returns (rows, block_n, n_row_blocks, n_splits, chunk, num_warps, tile_index)."""
-    block_n = min(triton.next_power_of_2(max(N, 1)), ops._MAX_BLOCK_N)
-    index, tile = next((i, t) for i, t in enumerate(aot_tiles()) if t.block_n >= block_n)
-    n_row_blocks = triton.cdiv(B, tile.rows)
-    max_splits = min(triton.cdiv(N, tile.block_n), ops._MAX_SPLITS)
-    want = splits if splits > 0 else triton.cdiv(PROGRAMS_PER_SM * num_sms, n_row_blocks)
-    chunk = triton.cdiv(triton.cdiv(N, max(1, min(want, max_splits))), tile.block_n) * tile.block_n
-    n_splits = max(1, triton.cdiv(N, chunk))
-    return tile.rows, tile.block_n, n_row_blocks, n_splits, chunk, tile.num_warps, index
+def aot_launch_plan(B, N, num_sms, programs_per_sm, splits=0):
+    """The C library's launch rule, in Python (native/ngkernels.c implements the same lines): ops.launch_plan
+    over the compiled tiles, one wave being num_sms x the tile's programs_per_sm (from the manifest).
+    Returns (rows, block_n, n_row_blocks, n_splits, chunk, num_warps, tile_index), chunk in elements."""
+    _, block_n, _, _ = ops.tile_of(N, block_ns=AOT_BLOCK_NS)
+    index = [t.block_n for t in aot_tiles()].index(block_n)
+    plan = ops.launch_plan(B, N, programs_per_sm[index] * num_sms, splits, block_ns=AOT_BLOCK_NS)
+    return (plan.rows, plan.block_n, plan.n_row_blocks, plan.n_splits, plan.chunk_blocks * plan.block_n,
+            plan.num_warps, index)
+
+
+def cubin_registers(cubin: bytes, entry: str) -> int:
+    """Registers per thread of `entry` in a cubin, without a GPU (what cuobjdump --dump-resource-usage prints as
+    REG): the ELF section .nv.info holds EIATTR_REGCOUNT (attribute 0x2f) records of (symbol index, registers),
+    and the section .text.<entry> names the entry's symbol index in sh_info."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+    sections = {cubin[names_at + h[0]:cubin.index(b"\0", names_at + h[0])].decode(): h for h in headers}
+    text, info = sections.get(f".text.{entry}"), sections.get(".nv.info")
+    if text is None or info is None:
+        raise SystemExit(f"ngkernels.aot: no .text.{entry} or .nv.info section in the cubin")
+    data, at, counts = cubin[info[4]:info[4] + info[5]], 0, {}
+    while at + 2 <= len(data):
+        fmt, attr = data[at], data[at + 1]
+        if fmt == 4:  # EIFMT_SVAL: u16 size, then the value
+            size, = struct.unpack_from("<H", data, at + 2)
+            if attr == 0x2F:  # EIATTR_REGCOUNT
+                symbol, regs = struct.unpack_from("<II", data, at + 4)
+                counts[symbol] = regs
+            at += 4 + size
+        else:  # EIFMT_NVAL (no value), BVAL (1 byte), HVAL (2 bytes)
+            at += {1: 2, 2: 3, 3: 4}.get(fmt, len(data))
+    if text[7] not in counts:
+        raise SystemExit(f"ngkernels.aot: no register count for {entry} in .nv.info")
+    return counts[text[7]]
+
+
+def programs_per_sm(specs, results):
+    """Per tile: the CTAs per SM the tile's forward kernels allow (the fewest over dtypes, flags and alignment,
+    at the newest compiled arch): the C rule's wave, derived from compiled resource use as in Python."""
+    newest = max(s.arch for s in specs)
+    out = []
+    for index in range(len(aot_tiles())):
+        out.append(min(ops.ctas_per_sm(r["n_regs"], r["num_warps"], r["shared"])
+                       for s, r in zip(specs, results) if s.kind == "fwd" and s.tile == index and s.arch == newest))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +254,7 @@ def compile_spec(spec: Spec):
     if "BLOCK_S" in constexpr_names:
         constexprs["BLOCK_S"] = tile.block_s
     if "BLOCK_B" in constexpr_names:
-        constexprs["BLOCK_B"] = BLOCK_B
+        constexprs["BLOCK_B"] = ops.BLOCK_B
     missing = set(constexpr_names) - set(constexprs)
     if missing:
         raise SystemExit(f"ngkernels.aot: no value for constexpr {sorted(missing)} of {fn.__name__}")
@@ -253,6 +286,7 @@ def compile_spec(spec: Spec):
         raise SystemExit(f"ngkernels.aot: {spec.name}: unexpected PTX parameters {ptx_params}")
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
     return dict(cubin=compiled.asm["cubin"], entry=entry.group(1), shared=md.shared, num_warps=md.num_warps,
+                n_regs=cubin_registers(compiled.asm["cubin"], entry.group(1)),
                 num_params=len(ptx_params), scratch_params=extra, target=target,
                 vector_loads=bool(re.search(r"ld\.global\S*\.v4\.", ptx)), spills=".local" in ptx)
 
@@ -330,7 +364,8 @@ def write_sources(out: Path, specs, results, archs):
         for i, n in enumerate(flag_names(kind)):
             flag_defs.append(f"#define NG_{kind.upper()}_{n} (1u << {i})")
     dtype_defs = "\n".join(f"#define NG_AOT_DTYPE_{d.upper()} {i}" for i, d in enumerate(DTYPES))
-    tile_rows = ",\n".join(f"    {{{t.rows}, {t.block_n}, {t.block_s}, {t.num_warps}}}" for t in tiles)
+    per_sm = programs_per_sm(specs, results)
+    tile_rows = ",\n".join(f"    {{{t.rows}, {t.block_n}, {t.block_s}, {t.num_warps}, {p}}}" for t, p in zip(tiles, per_sm))
     header = f"""/* Generated by `python -m ngkernels.aot` from ngkernels/ops/fm_normguard.py: do not edit. */
 #ifndef NGKERNELS_AOT_H
 #define NGKERNELS_AOT_H
@@ -341,25 +376,25 @@ def write_sources(out: Path, specs, results, archs):
 
 #define NG_AOT_TRITON_VERSION "{triton.__version__}"
 
-/* launch_config's constants and the compiled tiles (ngkernels.aot.aot_launch_plan is the Python twin) */
-#define NG_TILE {ops._TILE}
-#define NG_MAX_BLOCK_N {ops._MAX_BLOCK_N}
-#define NG_MAX_SPLITS {ops._MAX_SPLITS}
-#define NG_PROGRAMS_PER_SM {PROGRAMS_PER_SM}
+/* ops.launch_plan's constants and the compiled tiles (ngkernels.aot.aot_launch_plan is the Python twin) */
+#define NG_TILE {ops.TILE}
+#define NG_MAX_BLOCK_N {ops.TILE}
+#define NG_MAX_SPLITS {ops.MAX_SPLITS}
 #define NG_DIVISIBILITY {DIVISIBILITY}
 #define NG_NUM_TILES {len(tiles)}
 #define NG_NUM_KERNELS {len(specs)}
 #define NG_MAX_SCRATCH_PARAMS {max(max_scratch, 1)}
 #define NG_MAX_PARAMS {max_params}
 {dtype_defs}
-#define NG_REDUCTION_CODE_NONE {ops.REDUCTION_CODE['none']}
-#define NG_REDUCTION_CODE_MEAN {ops.REDUCTION_CODE['mean']}
-#define NG_REDUCTION_CODE_SUM {ops.REDUCTION_CODE['sum']}
+#define NG_REDUCTION_CODE_NONE {reduction_code('none')}
+#define NG_REDUCTION_CODE_MEAN {reduction_code('mean')}
+#define NG_REDUCTION_CODE_SUM {reduction_code('sum')}
 
 {chr(10).join(flag_defs)}
 
 typedef struct ng_aot_tile {{
     int rows, block_n, block_s, num_warps;
+    int programs_per_sm; /* CTAs per SM its forward kernels allow (registers from the cubins): one wave */
 }} ng_aot_tile;
 
 static const ng_aot_tile ng_aot_tiles[NG_NUM_TILES] = {{
@@ -407,7 +442,7 @@ extern const ng_aot_kernel ng_aot_kernels[NG_NUM_KERNELS];
         manifest.append(dict(asdict(spec), name=spec.name, entry=res["entry"], target=res["target"],
                              num_warps=res["num_warps"], shared=res["shared"], num_params=res["num_params"],
                              scratch_params=res["scratch_params"], vector_loads=res["vector_loads"],
-                             spills=res["spills"], cubin_size=len(res["cubin"]),
+                             spills=res["spills"], n_regs=res["n_regs"], cubin_size=len(res["cubin"]),
                              cubin_sha256=hashlib.sha256(res["cubin"]).hexdigest()))
     for arch in archs:
         banner = f"/* Generated by `python -m ngkernels.aot`: sm_{arch} cubins. */\n\n"
@@ -424,7 +459,7 @@ const ng_aot_kernel ng_aot_kernels[NG_NUM_KERNELS] = {{
 }};
 """)
     info = dict(triton=triton.__version__, archs=list(archs), dtypes=list(DTYPES),
-                tiles=[asdict(t) for t in tiles], flags={k: flag_names(k) for k in KERNELS},
+                tiles=[dict(asdict(t), programs_per_sm=p) for t, p in zip(tiles, per_sm)], flags={k: flag_names(k) for k in KERNELS},
                 kernels=manifest)
     _write(out / "manifest.json", json.dumps(info, indent=1) + "\n")
 

@@ -106,6 +106,7 @@ def _fwd_kernel(
     HAS_T: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
     RELATIVE: tl.constexpr, SQUARED: tl.constexpr, REDUCE: tl.constexpr,
     KEEP: tl.constexpr,  # L2 eviction policy of v and target: "evict_last" when the backward re-reads them, else ""
+    REF_POLICY: tl.constexpr,  # of v_ref: "evict_first" alongside KEEP (read once: let it leave L2 first), else ""
     ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -126,9 +127,9 @@ def _fwd_kernel(
         v = tl.load(V + rows64[:, None] * stride_v + c[None, :], mask=mask, other=0.0,
                     eviction_policy=KEEP).to(ACC)
         acc_vv += v * v
-        if HAS_R:  # v_ref is read once: let it leave L2 first
+        if HAS_R:
             r = tl.load(R + rows64[:, None] * stride_r + c[None, :], mask=mask, other=0.0,
-                        eviction_policy="evict_first" if KEEP else "").to(ACC)
+                        eviction_policy=REF_POLICY).to(ACC)
             acc_rr += r * r
         if HAS_T:
             t = tl.load(T + rows64[:, None] * stride_t + c[None, :], mask=mask, other=0.0,
@@ -366,6 +367,11 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def l2_policies(keep: bool) -> dict:
+    """The forward's L2 constexprs: keep v and target for the backward, let v_ref go; or no hints at all."""
+    return dict(KEEP=KEEP_POLICY, REF_POLICY="evict_first") if keep else dict(KEEP="", REF_POLICY="")
+
+
 def _keep_in_l2(keep: bool, v2d, t2d) -> bool:
     if not (keep and L2_KEEP):
         return False
@@ -389,7 +395,7 @@ def forward_launch(v2d, t2d, r2d, weight, opts: LossOptions, keep: bool = False,
     tile = _tile()
     rows, block_n, num_warps, block_s = tile_of(N, tile)
     kwargs = dict(HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None, RELATIVE=bool(opts.relative),
-                  SQUARED=bool(opts.squared), REDUCE=code != 0, KEEP=KEEP_POLICY if _keep_in_l2(keep, v2d, t2d) else "",
+                  SQUARED=bool(opts.squared), REDUCE=code != 0, **l2_policies(_keep_in_l2(keep, v2d, t2d)),
                   ACC=tl.float64 if acc == torch.float64 else tl.float32, ROWS=rows, BLOCK_N=block_n,
                   BLOCK_S=block_s, BLOCK_B=BLOCK_B, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
 

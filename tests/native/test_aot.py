@@ -23,33 +23,46 @@ def test_specialisations_cover_the_api_once():
     assert len(bwd) == 6
 
 
-def test_tiles_follow_launch_config():
+def test_tiles_follow_the_python_launcher():
     tiles = aot.aot_tiles()
-    assert [t.block_n for t in tiles] == sorted(aot.AOT_BLOCK_NS) and tiles[-1].block_n == ops._MAX_BLOCK_N
+    assert [t.block_n for t in tiles] == sorted(aot.AOT_BLOCK_NS) and tiles[-1].block_n == ops.TILE
     for t in tiles:
-        assert t.rows * t.block_n == ops._TILE
-        # rows longer than BLOCK_N only exist for the largest tile, which must hold every split's partial sum
-        assert t.block_s == (triton.next_power_of_2(ops._MAX_SPLITS) if t.block_n == ops._MAX_BLOCK_N else 1)
+        assert t.rows * t.block_n == ops.TILE
+        assert (t.rows, t.block_n, t.num_warps, t.block_s) == ops.tile_of(t.block_n)
+        # rows longer than BLOCK_N only exist for the largest tile, which reads split partials in wide steps
+        assert t.block_s == (triton.next_power_of_2(ops.MAX_SPLITS) if t.block_n == ops.TILE else 1)
+
+
+def test_plan_follows_the_python_launcher():
+    """aot_launch_plan is ops.launch_plan with BLOCK_N rounded up to a compiled tile and the tile's own wave."""
+    per_sm = [3, 4, 2, 2]
+    for B, N in [(1, 1), (5, 17), (64, 100), (3, 3000), (8, 262144), (300, 4097)]:
+        rows, block_n, n_rb, n_splits, chunk, warps, tile = aot.aot_launch_plan(B, N, 132, per_sm)
+        assert aot.aot_tiles()[tile].block_n == block_n >= min(triton.next_power_of_2(N), ops.TILE)
+        plan = ops.launch_plan(B, N, per_sm[tile] * 132, block_ns=aot.AOT_BLOCK_NS)
+        assert (rows, block_n, n_rb, n_splits, chunk, warps) == (plan.rows, plan.block_n, plan.n_row_blocks,
+                                                                  plan.n_splits, plan.chunk_blocks * block_n,
+                                                                  plan.num_warps)
 
 
 def test_arguments_are_read_from_the_kernels(monkeypatch):
     """Reordered arguments follow automatically; an argument or flag the generator does not know stops it."""
 
     @triton.jit
-    def reordered(N, B, V, T, G, stride_t, stride_v, COEF, GO, chunk, go_scale, HAS_A: tl.constexpr,
+    def reordered(N, B, V, T, G, stride_t, stride_v, COEF, GO, chunk_blocks, go_scale, HAS_A: tl.constexpr,
                   HAS_T: tl.constexpr, GO_PER_SAMPLE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK_N: tl.constexpr):
         pass
 
     monkeypatch.setattr(ops, "_bwd_kernel", reordered)
     assert list(aot.signature_of("bwd", "bf16")) == ["N", "B", "V", "T", "G", "stride_t", "stride_v", "COEF", "GO",
-                                                     "chunk", "go_scale"]
+                                                     "chunk_blocks", "go_scale"]
     assert aot.signature_of("bwd", "bf16")["V"] == "*bf16"
     source = aot._struct_and_filler("bwd", 2)
     assert source.index("params[0] = &args->N;") < source.index("params[2] = &args->V;")
 
     @triton.jit
-    def new_argument(V, T, G, stride_v, stride_t, COEF, GO, B, N, chunk, go_scale, clip, HAS_A: tl.constexpr,
+    def new_argument(V, T, G, stride_v, stride_t, COEF, GO, B, N, chunk_blocks, go_scale, clip, HAS_A: tl.constexpr,
                      HAS_T: tl.constexpr, GO_PER_SAMPLE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         pass
@@ -59,7 +72,7 @@ def test_arguments_are_read_from_the_kernels(monkeypatch):
         aot.signature_of("bwd", "fp32")
 
     @triton.jit
-    def new_flag(V, T, G, stride_v, stride_t, COEF, GO, B, N, chunk, go_scale, HAS_A: tl.constexpr,
+    def new_flag(V, T, G, stride_v, stride_t, COEF, GO, B, N, chunk_blocks, go_scale, HAS_A: tl.constexpr,
                  HAS_T: tl.constexpr, GO_PER_SAMPLE: tl.constexpr, CLIP: tl.constexpr, ACC: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         pass

@@ -82,30 +82,30 @@ SIZES = [1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 100
          2048, 3000, 4095, 4096, 4097, 8192, 10000, 65536, 70000, 262144, 1_000_003, 16 * 64 * 64 * 4]
 
 
-@pytest.mark.parametrize("sms", [aot.CPU_SMS, 108, 132])
-def test_c_launch_rule_matches_launch_config(libngkernels, monkeypatch, sms):
-    """The C rule is launch_config's: exactly where launch_config picks a compiled tile, and otherwise the
-    same rule with BLOCK_N rounded up to the next compiled tile and its full ROWS."""
+@pytest.mark.parametrize("sms", [ops.CPU_SMS, 108, 132])
+def test_c_launch_rule_matches_the_python_plan(build_dir, libngkernels, monkeypatch, sms):
+    """The C rule is ops.launch_plan over the compiled tiles, one wave being the tile's programs_per_sm (derived by
+    the generator from the cubins' registers) x the SMs: exactly the Python plan wherever N's tile is compiled."""
     monkeypatch.delenv("NGKERNELS_SPLITS", raising=False)
-    monkeypatch.setattr(ops, "_multiprocessors", lambda index: sms)
-    device = torch.device("cpu") if sms == aot.CPU_SMS else torch.device("cuda", 0)  # no GPU is touched
-    tiles = {(t.rows, t.block_n): t for t in aot.aot_tiles()}
+    manifest = json.loads((build_dir / "aot" / "manifest.json").read_text())
+    per_sm = [t["programs_per_sm"] for t in manifest["tiles"]]
+    assert all(1 <= p <= 32 for p in per_sm)
     exact = 0
     for B in SIZES[:24]:
         for N in SIZES:
             for splits in (0, 1, 3, 300):
-                py = ops.launch_config(B, N, device, splits or None)
                 c = _c_plan(libngkernels, B, N, sms, splits)
-                assert c == aot.aot_launch_plan(B, N, sms, splits), (B, N, splits)
-                rows, block_n, n_rb, n_splits, chunk, num_warps = py
-                if (rows, block_n) in tiles:
-                    assert c[:6] == py, (B, N, splits, c, py)
+                assert c == aot.aot_launch_plan(B, N, sms, per_sm, splits), (B, N, splits)
+                py = ops.launch_plan(B, N, per_sm[c[6]] * sms, splits)
+                if py.block_n == c[1]:
+                    assert c[:6] == (py.rows, py.block_n, py.n_row_blocks, py.n_splits,
+                                     py.chunk_blocks * py.block_n, py.num_warps), (B, N, splits, c, py)
                     exact += 1
                     continue
                 tile = aot.aot_tiles()[c[6]]
-                assert c[1] == tile.block_n == min(t.block_n for t in tiles.values() if t.block_n >= block_n)
+                assert c[1] == tile.block_n == min(b for b in aot.AOT_BLOCK_NS if b >= py.block_n)
                 assert c[0] == tile.rows and c[2] == -(-B // tile.rows) and c[5] == tile.num_warps
-                assert n_splits == c[3] == 1 and chunk == block_n and c[4] == tile.block_n  # short rows: no split
+                assert py.n_splits == c[3] == 1 and c[4] == tile.block_n  # short rows: no split
     assert exact > 1000  # the comparison is not vacuous
 
 

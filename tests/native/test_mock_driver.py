@@ -47,18 +47,18 @@ else:
     import ngkernels
     from ngkernels import aot
     from ngkernels.ops import fm_normguard as ops
+    from ngkernels.options import reduction_code
 
     _mock_path, _build = os.environ[MOCK_ENV].split(os.pathsep)
     MOCK = ctypes.CDLL(_mock_path, mode=ctypes.RTLD_GLOBAL)  # libngkernels' dlopen("libcuda.so.1") finds it
     LIB = ctypes.CDLL(str(Path(_build) / "libngkernels.so"))
     MANIFEST = json.loads((Path(_build) / "aot" / "manifest.json").read_text())
-    TILES = [aot.Tile(**t) for t in MANIFEST["tiles"]]
+    TILES = [aot.Tile(**{k: v for k, v in t.items() if k != "programs_per_sm"}) for t in MANIFEST["tiles"]]
     BY_SHA = {}
     for _k in MANIFEST["kernels"]:
         BY_SHA.setdefault(_k["cubin_sha256"], []).append(_k)
     TORCH_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "i32": torch.int32}
     DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-    REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
     class Inputs(ctypes.Structure):
         _fields_ = [("batch", ctypes.c_int64), ("numel", ctypes.c_int64), ("dtype", ctypes.c_int),
@@ -117,8 +117,10 @@ else:
             tile = TILES[k["tile"]]
             flags = {n: bool(k["flags"] >> i & 1) for i, n in enumerate(MANIFEST["flags"][kind])}
             constexprs = dict(ACC=ops.tl.float32, ROWS=tile.rows, BLOCK_N=tile.block_n)
+            constexpr_names = aot.kernel_params(aot.KERNELS[kind])[1]
+            constexprs.update({k: v for k, v in aot.FIXED_CONSTEXPRS.items() if k in constexpr_names})
             if kind == "fwd":
-                constexprs.update(BLOCK_S=tile.block_s, BLOCK_B=aot.BLOCK_B, **aot.FIXED_CONSTEXPRS)
+                constexprs.update(BLOCK_S=tile.block_s, BLOCK_B=ops.BLOCK_B)
             LAUNCHES.append(dict(candidates=[c["name"] for c in candidates], kernel=k, grid=(gx, gy, gz),
                                  block_x=block_x, shared=shared, scratch=scratch, args=dict(args)))
             getattr(ops, aot.KERNELS[kind])[(gx, gy, gz)](**args, **flags, **constexprs)
@@ -143,7 +145,7 @@ else:
                       (0 if v_ref is None else v_ref.stride(0)) if ref_stride is None else ref_stride, _ptr(weight))
 
     def _options(ng_lambda=1.0, margin=0.0, relative=False, squared=False, reduction="mean", splits=0):
-        return Options(ng_lambda, margin, int(relative), int(squared), REDUCTION_CODE[reduction], splits)
+        return Options(ng_lambda, margin, int(relative), int(squared), reduction_code(reduction), splits)
 
     def _check(status):
         assert status == 0, (LIB.ng_status_string(status), LIB.ng_last_error())
@@ -246,7 +248,8 @@ else:
 
         # the library picked the specialisation and geometry its rule says
         assert [x["kernel"]["kind"] for x in LAUNCHES] == ["fwd", "bwd"]
-        rows, block_n, n_rb, n_splits, chunk, num_warps, tile = aot.aot_launch_plan(B, N, 132)
+        rows, block_n, n_rb, n_splits, chunk, num_warps, tile = aot.aot_launch_plan(
+            B, N, 132, [t["programs_per_sm"] for t in MANIFEST["tiles"]])
         def aligned(*tensors):
             return N % 16 == 0 and all(t is None or (t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0)
                                        for t in tensors)
@@ -257,9 +260,9 @@ else:
                 DTYPE_CODE[dtype]]
             assert k["tile"] == tile and x["grid"] == (n_rb, n_splits, 1), x["grid"]
             assert x["block_x"] == 32 * num_warps and x["shared"] == k["shared"] and not any(x["scratch"])
-            assert x["args"]["chunk"] == chunk and x["args"]["B"] == B and x["args"]["N"] == N
+            assert x["args"]["chunk_blocks"] * block_n == chunk and x["args"]["B"] == B and x["args"]["N"] == N
             assert k["aligned"] == expect_aligned[k["kind"]], (k["name"], expect_aligned)
-        if N > ops._MAX_BLOCK_N:
+        if N > ops.TILE:
             assert n_splits > 1  # the ticket path ran
 
     def test_modules_load_once_per_context():
@@ -296,7 +299,7 @@ else:
                                     _ptr(ws), ws_bytes, None) == 5
 
     def test_forced_splits(monkeypatch):
-        """options.splits, then NGKERNELS_SPLITS, force the split count as in launch_config."""
+        """options.splits, then NGKERNELS_SPLITS, force the split count as in ops.launch_plan."""
         _device(90)
         v, target, v_ref, _ = _make(2, 9000, torch.float32, seed=5)
         want_loss = _expected("fused", v, target, v_ref, None, None, ng_lambda=1.0, margin=0.0, relative=False,
