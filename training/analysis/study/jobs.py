@@ -1,0 +1,56 @@
+"""The study's jobs, run in worker processes (spawned: each imports torch afresh); arguments and results are
+plain data, so they cross the process boundary as pickles.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import as_completed
+
+import torch
+from tqdm.auto import tqdm
+
+from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
+from training.analysis.quality import FeatureNetSpec, ToyQuality
+
+
+def train_job(cfg_dict: dict) -> dict:
+    """Trains one run of the grid; -> its run directory, RL seconds and steps."""
+    from training.config import config_from_dict
+    from training.loop import train
+
+    cfg = config_from_dict(cfg_dict)
+    summary = train(cfg)
+    return {"run_dir": str(summary.run_dir), "seconds": summary.seconds, "steps": summary.steps}
+
+
+def eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict, spec: dict,
+             num_reference: int) -> dict:
+    """Evaluates one checkpoint (None: the reference) with every instrument (training.analysis.evaluate)."""
+    from training.config import config_from_dict
+    from training.rewards import build_reward
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_dict)
+    model = build_eval_model(cfg, checkpoint)
+    reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    quality = ToyQuality(cfg.model.toy.image_size, cfg.model.toy.cache_dir, spec=FeatureNetSpec(**spec),
+                         num_reference=num_reference, progress=False)
+    started = time.time()
+    result = evaluate_checkpoint(model, reward, EvalSettings(**settings), quality=quality, label=label)
+    return {"rows": result.rows, "ratio_by_step": result.ratio_by_step, "adjoint": result.adjoint,
+            "adjoint_total": result.adjoint_total, "seconds": time.time() - started}
+
+
+def spawn_context():
+    """Worker processes start fresh (CUDA and thread pools do not survive a fork)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
+def drain(jobs: dict, train_info: dict, evals: dict, desc: str, progress: bool) -> None:
+    """Collects finished jobs {future: ("train" | "eval", key)} into train_info / evals as they complete."""
+    for future in tqdm(as_completed(jobs), total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True):
+        kind, key = jobs[future]
+        (train_info if kind == "train" else evals)[key] = future.result()  # a failed job fails the study
