@@ -61,7 +61,8 @@ def test_each_method_runs_and_logs(toy_cfg, method, extra):
 @pytest.mark.parametrize("extra", [
     (),  # LoRA + NFT: the checkpoint holds the trained adapter and the "old" adapter, not the base weights
     ("finetune.mode=full", "method.name=awm"),  # the trained transformer and the "ema" copy, not the reference
-], ids=["lora-nft", "full-awm"])
+    ("method.name=grpo", "method.grpo.sde_window=2", "train.inner_epochs=2"),  # GRPO-Fast: stored SDE trajectories
+], ids=["lora-nft", "full-awm", "lora-grpo-fast"])
 def test_resume_continues_exactly(toy_cfg, extra):
     full = toy_cfg("train.steps=3", "log.run_name=full", *extra)
     Trainer(full).run()
@@ -231,7 +232,7 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(toy_cfg, monkey
     assert any(not torch.equal(snapshots[1][n], p) for n, p in trainer.model.named_trainable_parameters())
 
 
-@pytest.mark.parametrize("method", ["nft", "dpo"])
+@pytest.mark.parametrize("method", ["nft", "dpo", "grpo"])
 def test_two_processes_match_one(toy_cfg, tmp_path, toy_cache, method):
     """accelerate launch --num_processes 2 --cpu (gloo): 3 prompts x 5 images = 15 slots over 2 processes
     (8 + 7), and the run equals the single-process one."""
