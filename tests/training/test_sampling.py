@@ -1,5 +1,6 @@
 """Samplers against closed-form flows: a point mass (Euler is exact in one step), Gaussian data (the ODE's
-flow map is affine and known; the SDE keeps the marginals), CFG arithmetic, the SD3 time shift."""
+flow map is affine and known; the SDE keeps the marginals), CFG arithmetic, the SD3 time shift, and the
+training timestep schemes built on the sampler's schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from training.sampling import policy_velocity, sample, sigma_schedule
+from training.sampling import policy_velocity, sample, sigma_schedule, time_shift, train_sigmas
 
 MU, S = 1.5, 0.5  # data ~ N(MU, S^2) per coordinate
 
@@ -108,3 +109,39 @@ def test_rescale_to_reference_matches_the_reference_norm():
     assert torch.allclose(v.norm(dim=1), 0.5 * v_theta.norm(dim=1), rtol=1e-5)
     assert torch.allclose(v / v.norm(dim=1, keepdim=True), v_theta / v_theta.norm(dim=1, keepdim=True), atol=1e-6)
     assert not math.isclose(v.norm().item(), v_theta.norm().item())
+
+
+def _generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_time_shift_is_the_one_formula_of_the_schedule_and_the_training_timesteps():
+    s = torch.linspace(1.0, 0.0, 9, dtype=torch.float64)
+    assert torch.equal(sigma_schedule(8, 3.0), time_shift(s, 3.0).float())
+    assert torch.allclose(time_shift(torch.tensor([0.0, 0.5, 1.0]), 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    # logit_normal: sigmoid(N(0, 1)) time-shifted; the same generator gives the same draw
+    g = torch.Generator().manual_seed(7)
+    u = torch.sigmoid(torch.randn(3, generator=g))
+    got = train_sigmas("logit_normal", 1, 3, sigma_schedule(8, 3.0), 3.0, [torch.Generator().manual_seed(7)])
+    assert torch.equal(got[0], time_shift(u, 3.0))
+
+
+def test_train_sigmas_schemes_pick_where_they_say():
+    grid = sigma_schedule(10, 2.0)
+    picks = train_sigmas("sampler", 5, 4, grid, 2.0, _generators(5))
+    assert picks.shape == (5, 4)
+    for row in picks:  # distinct sigmas of the sampler, never its final 0
+        assert len(set(row.tolist())) == 4 and all(x in grid[:-1].tolist() for x in row.tolist())
+    strat = train_sigmas("stratified", 50, 3, grid, 2.0, _generators(50))
+    index = {x: i for i, x in enumerate(grid.tolist())}
+    idx = torch.tensor([[index[x] for x in row] for row in strat.tolist()])
+    assert idx.min() >= 1 and idx.max() <= 9  # the strata cover steps [1, int(0.9 * 10)]
+    assert (idx[:, 0] <= idx[:, 1]).all() and (idx[:, 1] <= idx[:, 2]).all()  # one pick per stratum, in order
+    uniform = train_sigmas("uniform", 200, 2, grid, 1.0, _generators(200))
+    assert 0 < uniform.min() and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.05
+    again = train_sigmas("uniform", 200, 2, grid, 1.0, _generators(200))
+    assert torch.equal(uniform, again)  # reproducible from the per-item generators
+    with pytest.raises(ValueError, match="exceeds the sampler's 10 steps"):
+        train_sigmas("sampler", 1, 11, grid, 2.0, _generators(1))
+    with pytest.raises(ValueError, match="unknown timestep scheme"):
+        train_sigmas("cosine", 1, 2, grid, 2.0, _generators(1))
