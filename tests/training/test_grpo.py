@@ -386,3 +386,19 @@ def test_one_step_on_a_tiny_pipeline(kind, extra, tmp_path):
         (row,) = [r for r in csv.DictReader(f) if r["step"] == "1"]
     assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["norm_ratio"]))
     assert float(row["ratio_dev"]) < 1e-3 and float(row["skipped_updates"]) == 0
+
+
+def test_shipped_grpo_configs_load(tmp_path):
+    """The toy GRPO config and the SD3.5-M one with the authors' pickscore_sd3 settings, once local paths are given."""
+    cfg = load_config("toy_grpo")
+    assert cfg.method.name == "grpo" and cfg.model.type == "toy" and cfg.normguard.ng_lambda > 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = load_config("sd35m_grpo_pickscore", [f"model.path={tmp_path}", f"reward.kwargs.path={tmp_path / 'pick'}",
+                                                f"rollout.prompt_file={prompts}"])
+    g = cfg.method.grpo
+    assert (cfg.model.type, cfg.sampling.num_steps, cfg.sampling.guidance_scale, cfg.sampling.noise_level) == \
+        ("sd3", 10, 4.5, 0.7)
+    assert (g.clip_range, g.kl_beta, g.adv_clip_max, g.timestep_fraction) == (1e-4, 0.01, 5.0, 0.99)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.eval.num_steps) == (48, 24, 40)
+    assert build_method(cfg).num_timesteps == 9 and cfg.train.mixed_precision == "fp16"
