@@ -8,7 +8,9 @@ public transformer config (`SD35_MEDIUM`) with random weights and random prompt 
 of a step does not depend on the weights' values), frozen in bf16, LoRA (peft, the trainer's
 `FlowModel.configure_finetuning`, rank 32 / alpha 64 on the attention projections), under bf16 autocast:
 
-  rollout    K Euler ODE steps (`training.sampling.sample`, SD3's shift 3) from noise, no grad
+  rollout    K Euler ODE steps (SD3's shift 3) from noise, no grad
+             (the math of training.sampling: sigma_schedule, ode_step; inlined so that this one-shot GPU script
+             depends only on the model API, and tested equal to it)
   policy     per training timestep: forward of the LoRA policy at x_t = (1 - s) x0 + s eps, with grad
   reference  the same forward with the adapter disabled (`FlowModel.reference()`), no grad
   loss       the fused ngkernels op on (v, u = eps - x0, v_ref), advantage-weighted:
@@ -182,6 +184,30 @@ def make_batch(arch: dict, prompt_tokens: int, cfg: RunConfig, device: torch.dev
     return cond, x1, advantages
 
 
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """num_steps + 1 sigmas from 1 to 0, SD3-shifted: shift s / (1 + (shift - 1) s) (training.sampling's)."""
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+def euler_sample(model, cond: dict, x1: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The rollout: Euler ODE steps x <- x + (sigma_next - sigma) v from noise x1 (training.sampling.sample)."""
+    x = x1
+    grid = sigmas.tolist()
+    for sigma, sigma_next in zip(grid[:-1], grid[1:]):
+        v = model.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
+        x = x + (sigma_next - sigma) * v
+    return x
+
+
+def pick_train_sigmas(sigmas: torch.Tensor, batch: int, num_timesteps: int, seed: int) -> torch.Tensor:
+    """[batch, num_timesteps] distinct random picks among the sampler's sigmas without the final 0 (NFT's
+    "sampler" scheme of training.sampling.train_sigmas)."""
+    g = torch.Generator().manual_seed(seed)
+    grid = sigmas[:-1]
+    return torch.stack([grid[torch.randperm(len(grid), generator=g)[:num_timesteps]] for _ in range(batch)])
+
+
 def loss_fn(mode: str):
     import ngkernels
 
@@ -194,17 +220,14 @@ def loss_fn(mode: str):
 def rl_step(model, optimizer, params, mode: str, cond, x1, advantages, sigmas, train_timesteps: int,
             device: torch.device, step: int) -> tuple[dict[str, float], float]:
     """One RL step with every phase timed; returns (phase -> ms, including "step"; the last loss value)."""
-    from training.sampling import sample, train_sigmas
-
     timer = PhaseTimer(device)
     loss_op = loss_fn(mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     B = x1.shape[0]
     with timer.phase("step"):
         with timer.phase("rollout"), torch.no_grad(), autocast:
-            x0 = sample(lambda x, s: model.velocity(x, s, cond), x1, sigmas)
-        gens = [torch.Generator().manual_seed(1000 * step + i) for i in range(B)]
-        item_sigmas = train_sigmas("sampler", B, train_timesteps, sigmas, SHIFT, gens).to(device)  # [B, T]
+            x0 = euler_sample(model, cond, x1, sigmas)
+        item_sigmas = pick_train_sigmas(sigmas, B, train_timesteps, seed=step).to(device)  # [B, T]
         weight = advantages / 10 + 0.5  # NFT's r = clamp(A, -5, 5) / 5 / 2 + 1/2, in [0, 1]
         loss = None
         for t in range(train_timesteps):
@@ -249,8 +272,6 @@ def op_times(mode: str, shape: tuple, device: torch.device, reps: int) -> list[f
 
 def run_config(model, optimizer, params, arch, prompt_tokens, cfg: RunConfig, args, device, deadline: float,
                log) -> dict:
-    from training.sampling import sigma_schedule
-
     cond, x1, advantages = make_batch(arch, prompt_tokens, cfg, device, seed=cfg.resolution)
     sigmas = sigma_schedule(args.rollout_steps, SHIFT)
     samples = {m: [] for m in MODES}

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ngkernels
-from training.sampling import policy_velocity, rescale_to_norm, sample, sigma_schedule
+from training.sampling import policy_velocity, reference_coupled, sample, sigma_schedule
 
 CELL = 128  # minimum cell size in pixels: a 16 px toy image is upscaled 8x (nearest)
 MAX_CELL = 256  # larger images (SD3 / FLUX at 512-1024 px) are downscaled to this

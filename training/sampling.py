@@ -144,11 +144,23 @@ def policy_velocity(model, cond: dict, guidance_scale: float = 1.0, uncond: dict
 
     if not rescale_to_reference:
         return guided
+    return reference_coupled(model, guided, rescale_phi)
 
-    def rescaled(x, sigma):
+
+def reference_coupled(model, guided: VelocityFn, rescale_phi: float | None = None,
+                      ratios: list | None = None) -> VelocityFn:
+    """`guided`'s velocity with the reference evaluated at the same (x_t, sigma) every step (one extra forward):
+    with `ratios` a list, each step appends the per-sample ||v|| / ||v_ref|| of the raw velocities to it; with
+    rescale_phi a number, the velocity returned is rescaled towards ||v_ref|| (`rescale_to_norm`), else it is v.
+    The one place the policy and its reference are coupled step by step: the rescale baseline, the analysis'
+    traced sampling and the trainer's sample grids all go through it."""
+
+    def velocity(x, sigma):
         v = guided(x, sigma)
         with model.reference():
             v_ref = guided(x, sigma)
-        return rescale_to_norm(v, v_ref, rescale_phi)
+        if ratios is not None:
+            ratios.append(ngkernels.velocity_norms(v) / ngkernels.velocity_norms(v_ref).clamp_min(1e-12))
+        return v if rescale_phi is None else rescale_to_norm(v, v_ref, rescale_phi)
 
-    return rescaled
+    return velocity

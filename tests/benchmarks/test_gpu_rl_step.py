@@ -64,3 +64,26 @@ def test_sd35_medium_config_is_the_published_model():
     assert params == 2_243_171_520 and params + buffers == 2_469_663_936  # 4.94 GB in fp16, as published
     assert len(model.transformer_blocks) == 24
     assert sum(getattr(b, "use_dual_attention", False) for b in model.transformer_blocks) == 13
+
+
+def test_inlined_sampler_is_the_trainers():
+    """The script inlines the trainer's schedule and Euler sampler (so that it depends only on the model API):
+    they must stay the same math as training.sampling."""
+    from training.sampling import sample, sigma_schedule
+
+    torch.testing.assert_close(gpu_rl_step.sigma_schedule(10, 3.0), sigma_schedule(10, 3.0), rtol=0, atol=0)
+
+    class Linear:  # a closed-form velocity field v = a x + b sigma
+        def velocity(self, x, sigma, cond):
+            assert sigma.shape == (x.shape[0],)
+            return 0.3 * x + sigma.view(-1, 1, 1, 1) * cond["b"]
+
+    x1 = torch.randn(3, 2, 4, 4)
+    cond = {"b": torch.randn(3, 2, 4, 4)}
+    sigmas = sigma_schedule(5, 3.0)
+    expected = sample(lambda x, s: Linear().velocity(x, s, cond), x1, sigmas)
+    torch.testing.assert_close(gpu_rl_step.euler_sample(Linear(), cond, x1, sigmas), expected)
+    picks = gpu_rl_step.pick_train_sigmas(sigmas, batch=4, num_timesteps=3, seed=1)
+    assert picks.shape == (4, 3)
+    for row in picks:
+        assert len(set(row.tolist())) == 3 and set(row.tolist()) <= set(sigmas[:-1].tolist())

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-import ngkernels
-from training.sampling import SAMPLERS, policy_velocity, rescale_to_norm, sample, sigma_schedule
+from training.sampling import SAMPLERS, policy_velocity, reference_coupled, sample, sigma_schedule
 
 
 @dataclass
