@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one prepared device check of issue 11: everything a lent GPU must answer, in one call of about 8 minutes,
+# most important first, each stage under its own time limit and all under one deadline, so a slow stage costs
+# only the stages after it.
+#
+#   bash benchmarks/gpu_check.sh            # on the device machine (OUT=<folder> collects the results)
+#   (device tool) run: bash benchmarks/gpu_check.sh   carry: [".whl"]   (scripts/fetch_gpu_wheels.sh makes .whl/)
+#
+# Stages: cuda_tests (graphs, reduce-overhead, streams, variants, launcher) -> sweep (bandwidth of ngkernels vs
+# eager vs torch.compile on S M T F XL, tile / L2 / alignment variants, launches, memory, memset cost,
+# reduce-overhead) -> rl_step (SD3.5-Medium-shaped RL step, NormGuard on vs off) -> tests (the rest of
+# tests/ngkernels and tests/integrations on CUDA) -> train_smoke (3 bf16 steps of the trainer on a tiny SD3) ->
+# native (CMake build of libngkernels + ctest against the Python op).
+# Results: $OUT/gpu-check-<device>.tgz (every log and result file, re-packed after each stage, so a kill keeps
+# what finished) and $OUT/summary.txt. Without a CUDA device it stops at once with exit code 2.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))
+OUT=${OUT:-$PWD/.benchmarks/gpu-check}
+WORK=$(mktemp -d)
+mkdir -p "$OUT" "$WORK/logs"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+unset TRITON_INTERPRET NGKERNELS_BACKEND  # the GPU runs compiled kernels; the interpreter is never timed
+mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH="/tmp/bin:$PATH"  # 'python'
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "error: no CUDA device: benchmarks/gpu_check.sh is for a GPU machine" >&2
+  exit 2
+fi
+if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then  # the GPU image lacks diffusers
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PWD:/tmp/site"
+fi
+DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+SUMMARY="$OUT/summary.txt"
+
+pack() { tar czf "$OUT/gpu-check-$DEV.tgz" -C "$WORK" . 2>/dev/null; cp "$SUMMARY" "$WORK/summary.txt"; }
+
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+  python3 -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__,
+'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1
+  git log -1 --format='commit %H %s' 2>/dev/null || true
+} > "$SUMMARY" 2>&1
+cat "$SUMMARY"
+
+stage() {  # name, limit_s, command...: run under min(limit, time left), log to $WORK/logs/<name>.log
+  local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then echo "=== $name: skipped (deadline)" | tee -a "$SUMMARY"; return; fi
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+  tail -n 12 "$WORK/logs/$name.log" | tee -a "$SUMMARY"
+  pack
+}
+
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -o addopts=-ra --maxfail=25)
+stage cuda_tests 100 "${PYTEST[@]}" tests/ngkernels/test_cuda.py tests/ngkernels/test_launch.py
+stage sweep 150 python3 -m benchmarks.gpu_sweep --out "$WORK/sweep" --budget-s 110
+stage rl_step 100 python3 benchmarks/gpu_rl_step.py --out "$WORK/rl_step" --budget-s 85
+stage tests 120 "${PYTEST[@]}" -n 8 tests/ngkernels tests/integrations \
+  --ignore=tests/ngkernels/test_cuda.py --ignore=tests/ngkernels/test_launch.py
+stage train_smoke 50 bash benchmarks/gpu_train_smoke.sh
+stage native 80 bash -c "cmake -S . -B $WORK/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(command -v python3) \
+  && cmake --build $WORK/build --parallel 16 && ctest --test-dir $WORK/build --output-on-failure"
+pack
+echo "=== done in $SECONDS s; results: $OUT/gpu-check-$DEV.tgz"
