@@ -142,14 +142,7 @@ def traced_sample(model, cond: dict, x1: torch.Tensor, sigmas: torch.Tensor, *, 
     the renormalisation baseline); the ratio is the raw guided velocity's, before any rescale."""
     guided = policy_velocity(model, cond, guidance_scale, uncond, forward=forward)
     ratios = []
-
-    def velocity(x, sigma):
-        v = guided(x, sigma)
-        with model.reference():
-            v_ref = guided(x, sigma)
-        ratios.append(ngkernels.velocity_norms(v) / ngkernels.velocity_norms(v_ref).clamp_min(1e-12))
-        return rescale_to_norm(v, v_ref, rescale_phi) if rescale_to_reference else v
-
+    velocity = reference_coupled(model, guided, rescale_phi if rescale_to_reference else None, ratios)
     x0 = sample(velocity, x1, sigmas, "ode")
     return x0, torch.stack(ratios, 1).float().mean(1).cpu()
 

@@ -85,13 +85,7 @@ def traced_sample(model, prompts: list[str], *, num_steps: int, shift: float = 1
             uncond = model.encode_prompts([negative_prompt] * len(chunk)) if guidance_scale != 1.0 else None
             policy = policy_velocity(model, cond, guidance_scale=guidance_scale, uncond=uncond)
             chunk_ratios = []
-
-            def velocity(x, sigma):
-                v = policy(x, sigma)
-                with model.reference():
-                    v_ref = policy(x, sigma)
-                chunk_ratios.append(ngkernels.velocity_norms(v) / ngkernels.velocity_norms(v_ref).clamp_min(1e-12))
-                return rescale_to_norm(v, v_ref, rescale_phi) if rescale_phi > 0 else v
+            velocity = reference_coupled(model, policy, rescale_phi if rescale_phi > 0 else None, chunk_ratios)
 
             x1 = noise[start: start + len(chunk)].to(device)
             chunk_step_noise = None if step_noise is None else step_noise[:, start: start + len(chunk)].to(device)
