@@ -44,6 +44,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,8 +369,8 @@ def markdown(results: list[dict], env: dict, args, arch_name: str, n_params: int
         if res["notes"]:
             lines.append(f"- notes: {'; '.join(res['notes'])}")
         lines.append("")
-    for name in skipped:
-        lines += [f"## {name}: skipped (the time budget of {args.budget_s:.0f} s would be exceeded)", ""]
+    for line in skipped:
+        lines += [f"## {line}", ""]
     return "\n".join(lines)
 
 
@@ -505,7 +506,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
 
     configs = [RunConfig(f"{r}px", r, b) for r, b in zip(args.resolutions, args.batch)]
-    results, skipped = [], []
+    results, skipped = [], []  # skipped: "<name>: <why>"
+    failed = False
     for cfg in configs:
         if results and results[-1]["samples"]["off"]:
             # a rough cost of this configuration: the last one's round, scaled by tokens, x (warm-up + 1 round)
@@ -516,10 +518,22 @@ def main(argv=None) -> int:
             estimate = prev_round * scale * (args.warmup + 1)
             if time.perf_counter() + estimate > deadline:
                 log(f"{cfg.name}: skipped, about {estimate:.0f} s would pass the {args.budget_s:.0f} s budget")
-                skipped.append(cfg.name)
+                skipped.append(f"{cfg.name}: skipped (about {estimate:.0f} s more would pass the "
+                               f"{args.budget_s:.0f} s budget)")
                 continue
         log(f"{cfg.name}: batch {cfg.batch}, {args.rollout_steps} rollout steps, {args.train_timesteps} timesteps")
-        results.append(run_config(model, optimizer, params, arch, prompt_tokens, cfg, args, device, deadline, log))
+        try:
+            results.append(run_config(model, optimizer, params, arch, prompt_tokens, cfg, args, device, deadline,
+                                      log))
+        except Exception as err:  # noqa: BLE001  (one configuration failing, e.g. out of memory, keeps the others)
+            traceback.print_exc()
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            log(f"{cfg.name}: FAILED ({reason})")
+            skipped.append(f"{cfg.name}: FAILED ({reason})")
+            failed = True
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     md = markdown(results, env, args, arch_name, n_params, n_trainable, build_s, skipped)
     paths = write_outputs(args.out, env, md, csv_rows(results, env, args))
@@ -531,6 +545,9 @@ def main(argv=None) -> int:
         return 1
     if any("non-finite loss" in r["notes"] for r in results):
         print("error: a loss was not finite (see the notes in the table)", file=sys.stderr)
+        return 1
+    if failed:
+        print("error: a configuration failed (see the table)", file=sys.stderr)
         return 1
     return 0
 

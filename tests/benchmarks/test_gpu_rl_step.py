@@ -43,6 +43,29 @@ def test_cpu_rehearsal_writes_a_consistent_table(tmp_path, capsys):
     assert all(r["device"].startswith("CPU (") and r["resolution"] == "64" and r["notes"] == "" for r in rows)
 
 
+def test_a_failing_configuration_keeps_the_others(tmp_path, capsys, monkeypatch):
+    """One configuration failing on the GPU (say, out of memory) must not lose the others' numbers."""
+    real = gpu_rl_step.run_config
+
+    def run_config(model, optimizer, params, arch, prompt_tokens, cfg, *rest):
+        if cfg.resolution == 64:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(model, optimizer, params, arch, prompt_tokens, cfg, *rest)
+
+    monkeypatch.setattr(gpu_rl_step, "run_config", run_config)
+    threads = torch.get_num_threads()
+    try:
+        rc = gpu_rl_step.main(["--device", "cpu", "--tiny", "--resolutions", "64", "128", "--rollout-steps", "2",
+                               "--steps", "1", "--op-reps", "2", "--out", str(tmp_path), "--budget-s", "3600"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    assert rc == 1 and printed.err.strip().endswith("error: a configuration failed (see the table)")
+    text = next(tmp_path.glob("rl_step-*.md")).read_text()
+    assert "64px: FAILED (RuntimeError: CUDA out of memory (simulated))" in text
+    assert "128px: batch 2" in text and "| step |" in text
+
+
 def test_no_gpu_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for args in (["--out", str(tmp_path)], ["--device", "cpu", "--out", str(tmp_path)],
