@@ -39,6 +39,7 @@ def test_group_advantages_use_each_prompts_whole_group():
     ("nft", ["log.trackers=[csv,tensorboard]", "train.grad_accum=2", "train.batch_size=2"]),
     ("awm", ["train.mixed_precision=bf16", "normguard.per_token=true", "train.inner_epochs=2"]),
     ("dpo", ["method.dpo.ref_update_every=1", "sampling.sampler=sde", "sampling.guidance_scale=2.0"]),
+    ("grpo", ["sampling.guidance_scale=2.0", "normguard.ng_lambda=0.1"]),  # its SDE rollout, CFG-trained
 ])
 def test_each_method_runs_and_logs(toy_cfg, method, extra):
     cfg = toy_cfg(f"method.name={method}", *extra)
