@@ -427,7 +427,11 @@ def _get(cfg: Config, dotted: str):
 
 
 def validate(cfg: Config) -> Config:
-    """Ranges and cross-field rules; registry names (model type, reward) are checked here too."""
+    """Ranges and cross-field rules; registry names (model type, reward) are checked here too.
+
+    The names come from the leaf registry modules training.models.registry / training.rewards.registry: they
+    import nothing of the models, so config and models do not import each other (importing one runs its package's
+    __init__, which registers the built-ins, so the registry is complete when read)."""
     for key, (ok, what) in RANGES.items():
         value = _get(cfg, key)
         if not ok(value):

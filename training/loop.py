@@ -11,6 +11,12 @@ process samples its slots in chunks of rollout.batch_size, and the rewards are a
 advantage uses its whole prompt group. All randomness of a slot (initial noise, SDE noise) and of a training
 item (timesteps, noise) comes from a generator seeded by (seed, step, index): results do not depend on the
 chunking, and `--resume` replays the same numbers.
+
+What the loop reads from a method is the Method contract (training.methods.base: the class attributes,
+`timestep_scheme` / `num_timesteps`, the hooks); the training timesteps come from training.sampling.train_sigmas
+and the prompts from training.prompts. One RL step's training (`Trainer.train_on`) is named steps:
+_share_latents -> _micro_batches -> per micro-batch _batch, _accumulate (loss, backward, and _optimizer_step at
+an update boundary) -> StepMetrics.reduce (training.step_metrics).
 """
 
 from __future__ import annotations
