@@ -64,7 +64,7 @@ def build_step(ng_lambda: float, work_dir: str, device: torch.device, seed: int 
     def step():
         trainer.train_on(items, latents, prompts, step=1)
 
-    rows = items_per_step * trainer.method.method_cfg.num_timesteps * trainer.method.slots_per_item
+    rows = items_per_step * trainer.method.num_timesteps * trainer.method.slots_per_item
     description = {"shape": f"{cfg.model.type}-{cfg.method.name}",
                    "dims": "x".join(map(str, (rows, *trainer.model.latent_shape))),
                    "dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype],
