@@ -8,20 +8,27 @@ the same expression fuses each half into one C++ loop and is 2-9x faster on CPU.
 `COMPILE_MIN_NUMEL` elements each half runs as one Inductor graph of the *same* functions (`_forward_math`,
 `_backward_math`, which call `reference`), so the compiled and the plain path cannot drift apart.
 
-No recompile per shape. Both halves are compiled once with `dynamic=True`: B, N and the row stride are symbols,
-so a new shape reuses the compiled code. ng_lambda and margin enter as 0-d tensors (a Python float would be baked
-into the graph, and a lambda schedule would recompile every step). What does select a compiled variant is only
-what changes the code: the input dtype, which of target / v_ref / weight are given, `relative`, `squared` (the
-forward), the reduction's `mean` scaling and grad_output's rank (the backward), and Dynamo's specialisation of a
-size equal to 1 (B == 1) and of contiguous rows. A training run with fixed options compiles one forward and one
-backward per loss it calls (tests/ngkernels/test_cpu_compile.py counts them over varying B and N).
+No recompile per shape. Both halves are compiled once with `dynamic=True`: B and N are symbols, so a new shape
+reuses the compiled code. ng_lambda and margin enter as 0-d tensors (a Python float would be baked into the
+graph, and a lambda schedule would recompile every step); inputs enter as contiguous non-views (`_canonical`),
+because Dynamo guards on a row stride and on a view's base. What still selects a compiled variant:
+  - what changes the code: the input dtype, which of target / v_ref / weight are given, `relative` and `squared`
+    (forward), the reduction's mean scaling and grad_output's rank (backward);
+  - B == 1 (Dynamo specialises sizes equal to 1), forward and backward;
+  - N <= 4096 or N > 4096 (Inductor sums float32 rows longer than 4096 with a cascade of 4096-element chunks,
+    for accuracy), forward only.
+So over a run whose B and N vary, with fixed options and dtype, each loss compiles at most 4 forwards and 2
+backwards, in practice 1 and 1 (tests/ngkernels/test_cpu_compile.py checks the bound). All variants share one
+code object each, and Dynamo keeps 8 per code object by default (`torch._dynamo.config.recompile_limit`); past
+that it runs the plain math, which is correct, only slower.
 
 First call: compiling costs seconds once per process and variant (Inductor's on-disk FX-graph and C++ caches make
 later processes much cheaper); under COMPILE_MIN_NUMEL (small tensors: tests, the toy demo) that would cost more
 than it saves, and the plain path runs. The plain path also runs where compiling is impossible or unwise: not
 a CPU tensor, inside a torch.compile trace (Inductor compiles the caller), under a TorchDispatchMode (FakeTensor,
-opcheck's schema checks), with NGKERNELS_CPU_COMPILE=0, and after a failed compile (e.g. no C++ compiler): that
-failure warns once and the process keeps the plain path.
+opcheck's schema checks), and after a failed compile (e.g. no C++ compiler): that failure warns once and the
+process keeps the plain path. NGKERNELS_CPU_COMPILE=0 never compiles, =1 compiles whatever the size (to run the
+op tests against the compiled path), auto (the default) from COMPILE_MIN_NUMEL elements.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ngkernels import reference
 from ngkernels.options import LossOptions
 
-COMPILE_MIN_NUMEL = 1 << 17  # elements of v from which the compiled halves run (S is 2**20, the toy 2**13.6)
+COMPILE_MIN_NUMEL = 1 << 17  # elements of v from which the compiled halves run (S: 2**20; the toy demo: 12288, plain)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,10 +82,16 @@ _COMPILED: dict = {}  # "forward" / "backward" -> torch.compile'd function
 _FAILED: list = []  # the error that switched the compiled path off for this process (at most one)
 
 
+COMPILE_CHOICES = ("auto", "0", "1")  # NGKERNELS_CPU_COMPILE: from COMPILE_MIN_NUMEL elements / never / always
+
+
 def compiled_path_enabled(v2d: torch.Tensor) -> bool:
     """Whether this call runs the compiled halves (see the module docstring for why each condition)."""
-    return (v2d.device.type == "cpu" and v2d.numel() >= COMPILE_MIN_NUMEL and not _FAILED
-            and os.environ.get("NGKERNELS_CPU_COMPILE", "1") != "0"
+    choice = os.environ.get("NGKERNELS_CPU_COMPILE", "auto")
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"NGKERNELS_CPU_COMPILE must be one of {COMPILE_CHOICES}, got {choice!r}")
+    big_enough = v2d.numel() >= COMPILE_MIN_NUMEL if choice == "auto" else choice == "1"
+    return (big_enough and v2d.device.type == "cpu" and not _FAILED
             and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
@@ -90,9 +103,19 @@ def _compiled(name: str):
     return fn
 
 
+def _canonical(x):
+    """x as the compiled halves take it: contiguous rows, and not a view. Dynamo guards on both (the row stride
+    against N, and the shape of a view's base, i.e. the caller's original rank), so each would be a compiled
+    variant; a copy of a strided input costs one pass, less than the plain path's extra passes."""
+    if x is None:
+        return None
+    return x.detach() if x.is_contiguous() else x.contiguous()
+
+
 def _run_compiled(name: str, *args):
     """The compiled half, or None after a failure (which warns once and switches the path off for good: a compile
     that failed would fail again, seconds each time)."""
+    args = tuple(_canonical(a) if isinstance(a, torch.Tensor) else a for a in args)
     try:
         with torch.no_grad():  # the gradient is a closed form: no autograd graph inside
             return _compiled(name)(*args)

@@ -3,6 +3,7 @@
 import torch
 
 import ngkernels
+from ngkernels.options import accumulation_dtype
 from ngkernels.reference import reference_loss
 
 OPS = ("normguard", "flow_matching", "fm_normguard")
@@ -47,3 +48,31 @@ def oracle(op, v, target, v_ref, weight, opts):
         o.pop("ng_lambda", None)
     loss, stats = reference_loss(v64, t64, r64, weight=w64, **o)
     return v64, loss, stats
+
+
+def grad_tolerance(dtype, ref_grad):
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    return dict(rtol=eps, atol=eps * float(ref_grad.abs().max()) + 1e-12)
+
+
+def check_against_oracle(op, v, target, v_ref, weight, opts, dtype, seed=0):
+    v = v.detach().requires_grad_()
+    loss, stats = call_op(op, v, target, v_ref, weight, opts)
+    v64, ref_loss, ref_stats = oracle(op, v, target, v_ref, weight, opts)
+    assert loss.dtype == accumulation_dtype(dtype)  # float32, float64 for float64 inputs
+    assert loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.detach().cpu(), rtol=2e-5, atol=1e-6)
+    # a non-uniform grad_output: random per sample for "none", a non-unit scalar otherwise
+    gen = torch.Generator().manual_seed(seed + 1)
+    go = torch.randn(ref_loss.shape, generator=gen, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.7,
+                                                                                                            dtype=torch.float64)
+    loss.backward(go.to(loss.device, loss.dtype))
+    ref_loss.backward(go)
+    assert v.grad.dtype == v.dtype and v.grad.shape == v.shape
+    torch.testing.assert_close(v.grad.double().cpu(), v64.grad, **grad_tolerance(dtype, v64.grad))
+    if stats is not None:
+        for name in ("v_norm", "ref_norm", "mse"):
+            got, want = getattr(stats, name), getattr(ref_stats, name)
+            assert got.dtype == accumulation_dtype(dtype)
+            torch.testing.assert_close(got.double().cpu(), want.detach().cpu(), rtol=2e-5, atol=1e-6)
+    return v.grad

@@ -6,8 +6,8 @@ import torch
 import ngkernels
 from tests.ngkernels.helpers import OPS
 from tests.ngkernels.helpers import call_op
+from tests.ngkernels.helpers import check_against_oracle
 from tests.ngkernels.helpers import make_inputs
-from tests.ngkernels.helpers import oracle
 
 SHAPES = {
     "1x1": (1, 1),
@@ -24,34 +24,6 @@ OPTIONS = {
     "margin-none": dict(margin=0.05, reduction="none", ng_lambda=2.0),
     "lambda-sum": dict(ng_lambda=0.3, reduction="sum"),
 }
-
-
-def grad_tolerance(dtype, ref_grad):
-    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-    return dict(rtol=eps, atol=eps * float(ref_grad.abs().max()) + 1e-12)
-
-
-def check_against_oracle(op, v, target, v_ref, weight, opts, dtype, seed=0):
-    v = v.detach().requires_grad_()
-    loss, stats = call_op(op, v, target, v_ref, weight, opts)
-    v64, ref_loss, ref_stats = oracle(op, v, target, v_ref, weight, opts)
-    assert loss.dtype == torch.float32
-    assert loss.shape == ref_loss.shape
-    torch.testing.assert_close(loss.double().cpu(), ref_loss.detach().cpu(), rtol=2e-5, atol=1e-6)
-    # a non-uniform grad_output: random per sample for "none", a non-unit scalar otherwise
-    gen = torch.Generator().manual_seed(seed + 1)
-    go = torch.randn(ref_loss.shape, generator=gen, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.7,
-                                                                                                            dtype=torch.float64)
-    loss.backward(go.to(loss.device, loss.dtype))
-    ref_loss.backward(go)
-    assert v.grad.dtype == v.dtype and v.grad.shape == v.shape
-    torch.testing.assert_close(v.grad.double().cpu(), v64.grad, **grad_tolerance(dtype, v64.grad))
-    if stats is not None:
-        for name in ("v_norm", "ref_norm", "mse"):
-            got, want = getattr(stats, name), getattr(ref_stats, name)
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double().cpu(), want.detach().cpu(), rtol=2e-5, atol=1e-6)
-    return v.grad
 
 
 @pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())

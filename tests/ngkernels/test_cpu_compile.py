@@ -1,0 +1,218 @@
+"""The torch backend's compiled CPU path (ngkernels/ops/torch_backend.py): taken from COMPILE_MIN_NUMEL elements,
+right against the float64 oracle on odd sizes, misaligned and strided views and every dtype, no recompile when B
+and N vary, and the plain path when compiling fails (one warning).
+
+The threshold is lowered so that small inputs take the compiled path; every test uses the same options, so the
+compiled variants are shared and the file compiles about a dozen graphs in all."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ngkernels
+from ngkernels.ops import torch_backend
+from tests.ngkernels.helpers import check_against_oracle
+from tests.ngkernels.helpers import make_inputs
+from tests.ngkernels.helpers import oracle
+
+pytestmark = pytest.mark.skipif(
+    not torch._dynamo.is_dynamo_supported() or shutil.which(torch._inductor.config.cpp.cxx[1]) is None,
+    reason="torch.compile on CPU needs Dynamo and a C++ compiler (the fallback without one is tested below)")
+
+OPTS = dict(ng_lambda=0.7, margin=0.1, relative=True, squared=True, reduction="none")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Lowers the threshold to 64 elements and records each compiled half that ran: [(name, succeeded)]."""
+    monkeypatch.setenv("NGKERNELS_BACKEND", "torch")
+    monkeypatch.delenv("NGKERNELS_CPU_COMPILE", raising=False)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 64)
+    monkeypatch.setattr(torch_backend, "_FAILED", [])
+    calls = []
+    run = torch_backend._run_compiled
+
+    def spy(name, *args):
+        out = run(name, *args)
+        calls.append((name, out is not None))
+        return out
+
+    monkeypatch.setattr(torch_backend, "_run_compiled", spy)
+    return calls
+
+
+def layout(kind, shape, dtype, seed=0):
+    """v, target, v_ref, weight with v (and target) in the given memory layout, values as make_inputs'."""
+    v, target, v_ref, weight = make_inputs(shape, dtype, "cpu", seed)
+    B, n = shape[0], v[0].numel()
+    if kind == "offset1":  # data_ptr one element past the storage start: no 16-byte alignment, odd N
+        store = torch.empty(v.numel() + 1, dtype=dtype)
+        v = store[1:].view(shape).copy_(v)
+    elif kind == "strided":  # rows 3 elements apart from their ends: row stride N + 3, a copy-free [B, N] view
+        store = torch.empty(B, n + 3, dtype=dtype)
+        v = store[:, 1:n + 1].view(B, n).copy_(v.reshape(B, n))
+        target = torch.empty(B, n + 5, dtype=dtype)[:, 2:n + 2].copy_(target.reshape(B, n))
+        v_ref = v_ref.reshape(B, n)
+    return v, target, v_ref, weight
+
+
+CASES = [(dt, "odd") for dt in DTYPES] + [("fp32", "offset1"), ("bf16", "offset1"), ("fp32", "strided"),
+                                           ("bf16", "strided")]
+
+
+@pytest.mark.parametrize("dtype, kind", CASES, ids=[f"{d}-{k}" for d, k in CASES])
+def test_compiled_path_matches_reference(compiled_calls, dtype, kind):
+    dt = DTYPES[dtype]
+    v, target, v_ref, weight = layout(kind, (5, 3, 37), dt)  # N = 111
+    if dt == torch.float64:  # the float64 path against the float64 oracle: agreement to rounding
+        v = v.detach().requires_grad_()
+        loss, stats = ngkernels.fm_normguard_loss(v, target, v_ref, weight=weight, return_stats=True, **OPTS)
+        v64, ref, ref_stats = oracle("fm_normguard", v, target, v_ref, weight, OPTS)
+        assert loss.dtype == torch.float64 and stats.v_norm.dtype == torch.float64
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-14)
+        loss.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(v.grad, v64.grad, rtol=1e-12, atol=1e-14)
+    else:
+        check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, dt)
+    assert compiled_calls == [("forward", True), ("backward", True)]
+
+
+@pytest.mark.parametrize("op", ["normguard", "flow_matching"])
+def test_compiled_path_other_ops(compiled_calls, op):
+    v, target, v_ref, weight = make_inputs((4, 2, 33), torch.float32, "cpu", seed=2)
+    check_against_oracle(op, v, target, v_ref, weight, OPTS, torch.float32)
+    assert compiled_calls == [("forward", True), ("backward", True)]
+
+
+def test_velocity_norms_compiled(compiled_calls):
+    v = make_inputs((6, 50), torch.bfloat16, "cpu")[0]
+    torch.testing.assert_close(ngkernels.velocity_norms(v).double(), v.double().norm(dim=1), rtol=2e-6, atol=0)
+    assert compiled_calls == [("forward", True)]
+
+
+def test_no_recompile_when_shapes_vary(compiled_calls):
+    """One forward and one backward graph serve every B >= 2 and N > 4096 (and any ng_lambda, margin, view);
+    B == 1 and N <= 4096 add at most one variant each: the bound stated in torch_backend's docstring."""
+    torch._dynamo.reset()
+
+    def variants():
+        return (len(_debug_get_cache_entry_list(torch_backend._forward_math.__code__)),
+                len(_debug_get_cache_entry_list(torch_backend._backward_math.__code__)))
+
+    def step(shape, kind="odd", ng_lambda=0.7):
+        v, target, v_ref, weight = layout(kind, shape, torch.float32, seed=len(shape))
+        opts = dict(OPTS, ng_lambda=ng_lambda, margin=0.05 * shape[0])
+        check_against_oracle("fm_normguard", v, target, v_ref, weight, opts, torch.float32)
+
+    general = [((4, 5000), "odd", 0.7), ((2, 7777), "odd", 0.1), ((17, 3, 4099), "odd", 2.0),
+               ((3, 2, 2500), "strided", 0.7), ((6, 4097), "offset1", 0.3)]
+    for shape, kind, lam in general:
+        step(shape, kind, lam)
+    assert variants() == (1, 1)
+    for shape in [(6, 100), (1, 6000), (1, 300), (9, 7, 11)]:
+        step(shape)
+    fwd, bwd = variants()
+    assert fwd <= 4 and bwd <= 2
+    for shape, kind, lam in general + [((33, 64), "odd", 0.5), ((1, 5001), "strided", 0.5)]:
+        step(shape, kind, lam)
+    assert variants() == (fwd, bwd)
+    assert all(ok for _, ok in compiled_calls)
+
+
+def test_plain_path_below_threshold_off_and_under_a_dispatch_mode(compiled_calls, monkeypatch):
+    v, target, v_ref, weight = make_inputs((2, 31), torch.float32, "cpu")  # 62 elements: under the threshold
+    check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32)
+    assert compiled_calls == []
+    big = torch.zeros(4, 64)
+    assert torch_backend.compiled_path_enabled(big)
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        assert not torch_backend.compiled_path_enabled(big)
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "0")
+    assert not torch_backend.compiled_path_enabled(big)
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "1")
+    assert torch_backend.compiled_path_enabled(torch.zeros(2, 3))
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "yes")
+    with pytest.raises(ValueError, match="NGKERNELS_CPU_COMPILE"):
+        ngkernels.velocity_norms(big)
+
+
+def test_inside_torch_compile(compiled_calls):
+    """Under torch.compile the op is the opaque custom op; its body, run by the compiled graph, takes the compiled
+    path like an eager call."""
+    torch._dynamo.reset()
+    v, target, v_ref, weight = make_inputs((5, 3, 37), torch.float32, "cpu")
+
+    def step(v):
+        return (ngkernels.fm_normguard_loss(v, target, v_ref, weight=weight, **OPTS) * 2.0).sum()
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, dynamic=False)):
+        x = v.clone().requires_grad_()
+        fn(x).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert compiled_calls == [("forward", True), ("backward", True)] * 2
+
+
+def test_fallback_when_compiling_fails(compiled_calls, monkeypatch):
+    def broken(name):
+        raise RuntimeError("InductorError: no working C++ compiler\nmore detail")
+
+    monkeypatch.setattr(torch_backend, "_compiled", broken)
+    v, target, v_ref, weight = make_inputs((4, 40), torch.bfloat16, "cpu")
+    with pytest.warns(RuntimeWarning, match="compiled CPU path failed .*no working C\\+\\+ compiler"):
+        check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.bfloat16)
+    assert compiled_calls == [("forward", False)]  # the backward saw the failure and did not try
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.bfloat16)
+    assert compiled_calls == [("forward", False)]
+
+
+SCRIPT = textwrap.dedent("""
+    import os, warnings
+    import torch
+    import ngkernels
+    g = torch.Generator().manual_seed(0)
+    v, t, r = (torch.randn(4, 40000, generator=g) for _ in range(3))
+    def run():
+        x = v.clone().requires_grad_()
+        loss = ngkernels.fm_normguard_loss(x, t, 0.5 * r, relative=True)
+        loss.backward()
+        return loss, x.grad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = run(), run()
+    os.environ["NGKERNELS_CPU_COMPILE"] = "0"
+    plain = run()
+    for a, b in zip(first + second, plain + plain):
+        torch.testing.assert_close(a, b)
+    print("WARNINGS", sum("compiled CPU path failed" in str(w.message) for w in caught))
+""")
+
+
+def test_no_cxx_compiler_falls_back_in_a_fresh_process(tmp_path):
+    """A real failure: CXX names no compiler and the Inductor cache is empty, so compiling must fail; the op
+    still gives the plain path's values, with one warning."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               NGKERNELS_BACKEND="torch", NGKERNELS_CPU_COMPILE="auto")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNINGS 1" in done.stdout, done.stdout + done.stderr[-3000:]
