@@ -104,7 +104,8 @@ class NormGuard(nn.Module):
     adaptive=True lambda is a device tensor, and the kernels take lambda as a launch constant, so the hinge and
     the MSE are two passes over v (one more read of v; small next to the transformer forward).
 
-    Buffers (for logging / checkpoints): lambda_ (the multiplier in use; equals ng_lambda when not adaptive),
+    Keep the module out of dtype casts (`model.half()` casts the buffers of submodules too): its state is float64
+    on purpose. Buffers (for logging / checkpoints): lambda_ (the multiplier in use; equals ng_lambda when not adaptive),
     ratio_mean and ratio_max (of the samples seen in the last update), ratio_ema (EMA of ratio_mean with decay
     ema_decay, started at the first update), num_updates.
     """
@@ -171,6 +172,9 @@ class NormGuard(nn.Module):
             raise ValueError("v must be a torch.Tensor with a batch dimension (shape [B, ...])")
         if weight is not None and target is None:
             raise ValueError("weight weighs the MSE against target; pass target too (or no weight)")
+        if self.lambda_.device != v.device:
+            raise ValueError(f"NormGuard's state is on {self.lambda_.device} but v is on {v.device}: "
+                             f"move the module with guard.to({str(v.device)!r})")
         B = v.shape[0]
         if isinstance(weight, (int, float)):
             acc = torch.float64 if v.dtype == torch.float64 else torch.float32

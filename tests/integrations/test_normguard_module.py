@@ -255,3 +255,5 @@ def test_bad_calls_raise_one_line_errors():
         ngkernels.NormGuard(per_token=True)(v, v_ref)
     with pytest.raises(ValueError, match="shape of v"):
         ngkernels.NormGuard()(v, v_ref[:, :4])
+    with pytest.raises(ValueError, match=r"move the module with guard.to\('cpu'\)"):
+        ngkernels.NormGuard().to("meta")(v, v_ref)  # a module left on another device than the velocities

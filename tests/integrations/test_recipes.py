@@ -249,3 +249,20 @@ def test_recipe_on_triton_kernels_float32(monkeypatch, name):
     for a, b in zip(got, exp):
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-4, atol=2e-5 * b.abs().max().item())
     torch.testing.assert_close(logged.double(), ratio, rtol=1e-5, atol=0)
+
+
+def test_grpo_kl_on_step_means_is_a_weighted_velocity_mse(monkeypatch):
+    """The doc's remark on flow_grpo's KL: beta * mean((mu - mu_ref)^2) / (2 std_dev_t^2) equals the fused op's
+    weighted MSE against v_ref with weight beta * c^2 / (2 std_dev_t^2), c = (1 + std^2 (1 - s) / (2 s)) dt."""
+    monkeypatch.setenv("NGKERNELS_BACKEND", "torch")
+    m = Maker(seed=11, dtype=F64)
+    v, v_ref = m.pair(2, (16, 64, 64))
+    x, x_next = m.randn(2, 16, 64, 64), m.randn(2, 16, 64, 64)
+    sigma, sigma_next = torch.tensor([0.7, 0.4], dtype=F64), torch.tensor([0.6, 0.3], dtype=F64)
+    mean, std_dev_t, _ = plain.sde_step_mean_logprob(v, x, x_next, sigma, sigma_next, 0.7)
+    mean_ref, _, _ = plain.sde_step_mean_logprob(v_ref, x, x_next, sigma, sigma_next, 0.7)
+    kl = 0.04 * (plain.sample_mean((mean - mean_ref) ** 2) / (2 * std_dev_t.flatten() ** 2)).mean()
+    std = torch.sqrt(sigma / (1 - sigma)) * 0.7
+    c = (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * (sigma_next - sigma)
+    fused = ngkernels.flow_matching_loss(v, v_ref, weight=0.04 * c ** 2 / (2 * std_dev_t.flatten() ** 2))
+    torch.testing.assert_close(fused, kl, rtol=1e-10, atol=0)
