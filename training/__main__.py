@@ -19,7 +19,7 @@ from pathlib import Path
 
 EXAMPLES = [  # every one of these is run by tests/test_readme.py
     "python -m training",
-    "python -m training method.name=awm normguard.ng_lambda=0.5",
+    "python -m training method.name=awm normguard.ng_lambda=0.5 log.run_name=awm",
     "python -m training --config sd35m_nft_pickscore model.path=/models/stable-diffusion-3.5-medium "
     "reward.kwargs.path=/models/PickScore_v1 rollout.prompt_file=prompts.txt --dry-run",
     "python -m training --resume train.steps=60",
@@ -75,7 +75,7 @@ def parse_args(argv=None):
                              "prompts, the checkpoint to resume), print the run directory and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args(_split_resume(argv))
+    return parser.parse_intermixed_args(_split_resume(argv))  # overrides may come before and after options
 
 
 def _user_error(err: BaseException, kind: str = "error") -> int:

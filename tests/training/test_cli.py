@@ -19,6 +19,7 @@ from training.config import load_config
     (["--resume", "outputs/run/checkpoints/step-4", "train.steps=60"], "outputs/run/checkpoints/step-4",
      ["train.steps=60"]),
     (["train.steps=60"], False, ["train.steps=60"]),
+    (["a.b=1", "--config", "toy.yaml", "c.d=2", "--resume"], True, ["a.b=1", "c.d=2"]),  # options between overrides
 ])
 def test_resume_takes_a_checkpoint_folder_never_an_override(argv, resume, overrides):
     args = parse_args(argv)
