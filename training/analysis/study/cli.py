@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         parser.error("--workers must be >= 1")
     try:
         path = run_study(args.out, settings,
-                         command=" ".join(["python -m training.analysis.study", *(argv if argv is not None else sys.argv[1:])]))
+                         command=" ".join(["python -m training.analysis.study",
+                                           *(argv if argv is not None else sys.argv[1:])]))
     except ValueError as err:
         print(f"study error: {err}", file=sys.stderr)
         return 2

@@ -114,7 +114,8 @@ def _markdown(rows, evals, matches, train_info, meta) -> str:
     for r in _paired_rows(rows, matches, meta):
         out.append(f"| {r['method']} | {r['seed']} | {_f(r['final_d_reward'], '{:+.4f}')} | "
                    f"{_f(r['final_d_inflation_pp'], '{:+.2f}')} | {_f(r['final_d_fd'], '{:+.2f}')} | "
-                   f"{_f(r['final_d_attribute_acc'], '{:+.3f}')} | {r['matched_step']}{'' if r['reached'] else ' (not reached)'} | "
+                   f"{_f(r['final_d_attribute_acc'], '{:+.3f}')} | "
+                   f"{r['matched_step']}{'' if r['reached'] else ' (not reached)'} | "
                    f"{_f(r['matched_d_reward'], '{:+.4f}')} | {_f(r['matched_d_inflation_pp'], '{:+.2f}')} | "
                    f"{_f(r['matched_d_fd'], '{:+.2f}')} | {_f(r['matched_d_attribute_acc'], '{:+.3f}')} |")
     out += ["", "## Reward, norm inflation, quality", "",
