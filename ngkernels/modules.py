@@ -159,14 +159,17 @@ class NormGuard(nn.Module):
         t = x.movedim(dim, -1)
         return t.reshape(-1, t.shape[-1])
 
-    def forward(self, v, v_ref, target=None, weight=None):
+    def forward(self, v, v_ref, target=None, weight=None, stat_weight=None):
         """-> loss (reduced over samples; [B] for reduction "none"), or (loss, LossStats) with return_stats.
 
         v: the trained policy's velocity [B, ...] (with grad). v_ref: the frozen reference's velocity at the
         same (x_t, t, c), a constant. target (optional): the base-loss target of a fused weighted MSE term
         (e.g. v_ref itself for a KL-to-reference term). weight: a float or a [B] tensor weighing that MSE.
-        LossStats holds per-sample (float32; float64 for float64 inputs) v_norm, ref_norm and mse (mse None without a target, and with
-        adaptive=True, whose MSE is a separate call).
+        stat_weight (optional [B] tensor): each sample's weight in the step's statistics (the dual step and the
+        logged ratios); 0 leaves out a padding row (e.g. the zero-weight copies that even out micro-batches
+        across processes). It does not touch the loss. LossStats holds per-sample (float32; float64 for
+        float64 inputs) v_norm, ref_norm and mse (mse None without a target, and with adaptive=True, whose MSE is
+        a separate call).
         """
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             raise ValueError("v must be a torch.Tensor with a batch dimension (shape [B, ...])")
@@ -207,8 +210,10 @@ class NormGuard(nn.Module):
             mse = None if mse is None else mse.view(B, T).mean(1)
         else:
             per_sample, v_norm, ref_norm = per_row, stats.v_norm, stats.ref_norm
+        if stat_weight is not None and (not isinstance(stat_weight, torch.Tensor) or stat_weight.shape != (B,)):
+            raise ValueError(f"stat_weight must be a [B]=({B},) tensor, got {getattr(stat_weight, 'shape', stat_weight)}")
         if B > 0 and self.training and torch.is_grad_enabled():
-            self._accumulate(v_norm, ref_norm)
+            self._accumulate(v_norm, ref_norm, stat_weight)
         if self.reduction == "mean":
             loss = per_sample.mean()
         elif self.reduction == "sum":
@@ -218,13 +223,19 @@ class NormGuard(nn.Module):
         return (loss, F.LossStats(v_norm, ref_norm, mse)) if self.return_stats else loss
 
     @torch.no_grad()
-    def _accumulate(self, v_norm: torch.Tensor, ref_norm: torch.Tensor) -> None:
+    def _accumulate(self, v_norm: torch.Tensor, ref_norm: torch.Tensor, w) -> None:
         ratio = v_norm.double() / ref_norm.double().clamp_min(torch.finfo(torch.float32).tiny)
         excess = ratio - (1.0 + self.margin)
         g = excess if self.constraint == "ratio" else excess.clamp_min(0.0)
-        total = ratio.sum()
-        self._acc.add_(torch.stack([total, g.sum(), torch.full_like(total, ratio.shape[0])]))
-        self._acc_max.copy_(torch.maximum(self._acc_max, ratio.max()))
+        if w is None:
+            total = ratio.sum()
+            self._acc.add_(torch.stack([total, g.sum(), torch.full_like(total, ratio.shape[0])]))
+            self._acc_max.copy_(torch.maximum(self._acc_max, ratio.max()))
+        else:
+            w = w.detach().to(torch.float64)
+            self._acc.add_(torch.stack([(w * ratio).sum(), (w * g).sum(), w.sum()]))
+            top = torch.where(w > 0, ratio, torch.full_like(ratio, -math.inf)).max()
+            self._acc_max.copy_(torch.maximum(self._acc_max, top))
 
     @torch.no_grad()
     def update(self) -> None:

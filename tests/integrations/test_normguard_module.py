@@ -150,6 +150,34 @@ def test_update_without_data_or_with_non_finite_data_changes_nothing():
     assert guard._acc.abs().sum().item() == 0 and guard._acc_max.item() == -math.inf  # the step was dropped
 
 
+def test_stat_weight_leaves_padding_rows_out_of_the_statistics():
+    """A micro-batch padded with zero-weight copies (as training/loop.py evens out processes) gives the same
+    dual step and logged ratios as the real rows alone; the loss is untouched by stat_weight."""
+    v, v_ref, _ = _inputs((4, 8))
+    pad_v = torch.cat([v, v[:1].detach().mul(3.0), v[:1].detach().mul(3.0)])  # padding far above the margin
+    pad_ref = torch.cat([v_ref, v_ref[:1], v_ref[:1]])
+    w = torch.tensor([1.0, 1, 1, 1, 0, 0], dtype=F64)
+    real, padded = (ngkernels.NormGuard(0.2, relative=True, adaptive=True, reduction="none") for _ in range(2))
+    loss_real = real(v, v_ref)
+    loss_pad = padded(pad_v, pad_ref, stat_weight=w)
+    torch.testing.assert_close(loss_pad[:4], loss_real, rtol=0, atol=0)
+    assert loss_pad[4] > 0
+    real.update()
+    padded.update()
+    for name in ("lambda_", "ratio_mean", "ratio_max", "ratio_ema"):
+        torch.testing.assert_close(getattr(padded, name), getattr(real, name), rtol=1e-14, atol=0)
+    half = ngkernels.NormGuard(0.2, relative=True, adaptive=True)  # weights average: 2 x (row 0) counts twice
+    half(v[:1].repeat(2, 1), v_ref[:1].repeat(2, 1))
+    half(v[1:], v_ref[1:])
+    weighted = ngkernels.NormGuard(0.2, relative=True, adaptive=True)
+    weighted(v, v_ref, stat_weight=torch.tensor([2.0, 1, 1, 1], dtype=F64))
+    half.update()
+    weighted.update()
+    torch.testing.assert_close(weighted.lambda_, half.lambda_, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="stat_weight must be"):
+        weighted(v, v_ref, stat_weight=w)
+
+
 def test_no_grad_and_eval_calls_do_not_accumulate():
     v, v_ref, _ = _inputs((4, 8))
     guard = ngkernels.NormGuard(0.4, adaptive=True)
@@ -206,9 +234,10 @@ def test_no_host_sync_in_forward_and_update(monkeypatch):
     for name in ("item", "tolist", "cpu", "__float__", "__bool__", "__int__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     loss, _ = guard(v, v_ref, target=target, weight=0.5)
+    guard(v, v_ref, stat_weight=torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64))
     guard.update()
     monkeypatch.undo()
-    assert guard.num_updates.item() == 1
+    assert guard.num_updates.item() == 1 and guard._acc.abs().sum().item() == 0
 
 
 def test_compile_fullgraph_matches_eager_and_updates_buffers():
