@@ -11,8 +11,9 @@
 # reduce-overhead) -> rl_step (SD3.5-Medium-shaped RL step, NormGuard on vs off) -> tests (the rest of
 # tests/ngkernels and tests/integrations on CUDA) -> train_smoke (3 bf16 steps of the trainer on a tiny SD3) ->
 # native (CMake build of libngkernels + ctest against the Python op).
-# Results: $OUT/gpu-check-<device>.tgz (every log and result file, re-packed after each stage, so a kill keeps
-# what finished) and $OUT/summary.txt. Without a CUDA device it stops at once with exit code 2.
+# Results: $OUT/gpu-check-<device>.tgz (every log and result file but the native build folder, re-packed after
+# each stage, so a kill keeps what finished), $OUT/summary.txt, sweep.md/.csv and the RL step's table.
+# GPU_CHECK_STAGES="sweep tests" runs a subset (the order stays the one below). Without a CUDA device it stops at once with exit code 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-450}))
@@ -21,7 +22,9 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 unset TRITON_INTERPRET NGKERNELS_BACKEND  # the GPU runs compiled kernels; the interpreter is never timed
-mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PATH="/tmp/bin:$PATH"  # 'python'
+# 'python' for the scripts that call it: a wrapper, not a symlink (a symlinked venv python loses its venv)
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python \
+  && chmod +x /tmp/bin/python && export PATH="/tmp/bin:$PATH"
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "error: no CUDA device: benchmarks/gpu_check.sh is for a GPU machine" >&2
   exit 2
@@ -33,7 +36,12 @@ fi
 DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 SUMMARY="$OUT/summary.txt"
 
-pack() { tar czf "$OUT/gpu-check-$DEV.tgz" -C "$WORK" . 2>/dev/null; cp "$SUMMARY" "$WORK/summary.txt"; }
+pack() {  # at most 8 files come back: the summary, the main tables, and every log and result in one archive
+  tar czf "$OUT/gpu-check-$DEV.tgz" -C "$WORK" --exclude=./build . 2>/dev/null
+  cp "$WORK"/sweep/sweep.md "$WORK"/sweep/sweep.csv "$OUT"/ 2>/dev/null
+  cp "$WORK"/rl_step/*.md "$OUT"/ 2>/dev/null
+  return 0
+}
 
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
@@ -58,14 +66,15 @@ stage() {  # name, limit_s, command...: run under min(limit, time left), log to 
   pack
 }
 
+want() { [ -z "${GPU_CHECK_STAGES:-}" ] || [[ " $GPU_CHECK_STAGES " == *" $1 "* ]]; }
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -o addopts=-ra --maxfail=25)
-stage cuda_tests 100 "${PYTEST[@]}" tests/ngkernels/test_cuda.py tests/ngkernels/test_launch.py
-stage sweep 150 python3 -m benchmarks.gpu_sweep --out "$WORK/sweep" --budget-s 110
-stage rl_step 100 python3 benchmarks/gpu_rl_step.py --out "$WORK/rl_step" --budget-s 85
-stage tests 120 "${PYTEST[@]}" -n 8 tests/ngkernels tests/integrations \
+want cuda_tests && stage cuda_tests 100 "${PYTEST[@]}" tests/ngkernels/test_cuda.py tests/ngkernels/test_launch.py
+want sweep && stage sweep 150 python3 -m benchmarks.gpu_sweep --out "$WORK/sweep" --budget-s 110
+want rl_step && stage rl_step 100 python3 benchmarks/gpu_rl_step.py --out "$WORK/rl_step" --budget-s 85
+want tests && stage tests 120 "${PYTEST[@]}" -n 8 tests/ngkernels tests/integrations \
   --ignore=tests/ngkernels/test_cuda.py --ignore=tests/ngkernels/test_launch.py
-stage train_smoke 50 bash benchmarks/gpu_train_smoke.sh
-stage native 80 bash -c "cmake -S . -B $WORK/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(command -v python3) \
+want train_smoke && stage train_smoke 50 bash benchmarks/gpu_train_smoke.sh
+want native && stage native 80 bash -c "cmake -S . -B $WORK/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(command -v python3) \
   && cmake --build $WORK/build --parallel 16 && ctest --test-dir $WORK/build --output-on-failure"
 pack
 echo "=== done in $SECONDS s; results: $OUT/gpu-check-$DEV.tgz"

@@ -156,8 +156,10 @@ def aot_launch_plan(B, N, num_sms, programs_per_sm, splits=0):
 
 def cubin_registers(cubin: bytes, entry: str) -> int:
     """Registers per thread of `entry` in a cubin, without a GPU (what cuobjdump --dump-resource-usage prints as
-    REG): the ELF section .nv.info holds EIATTR_REGCOUNT (attribute 0x2f) records of (symbol index, registers),
-    and the section .text.<entry> names the entry's symbol index in sh_info."""
+    REG): the ELF's .nv.info sections hold EIATTR_REGCOUNT (attribute 0x2f) records of (symbol index, registers),
+    and the section .text.<entry> names the entry's symbol index in sh_info. Records are 4-byte aligned: 2 header
+    bytes (format, attribute), then 2 value bytes, or for EIFMT_SVAL (4) a 2-byte size and that many bytes.
+    Where no record names the entry (another ptxas), the only REGCOUNT record of the cubin is its one kernel's."""
     import struct
 
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
@@ -165,23 +167,27 @@ def cubin_registers(cubin: bytes, entry: str) -> int:
     headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
     names_at = headers[shstrndx][4]
     sections = {cubin[names_at + h[0]:cubin.index(b"\0", names_at + h[0])].decode(): h for h in headers}
-    text, info = sections.get(f".text.{entry}"), sections.get(".nv.info")
-    if text is None or info is None:
-        raise SystemExit(f"ngkernels.aot: no .text.{entry} or .nv.info section in the cubin")
-    data, at, counts = cubin[info[4]:info[4] + info[5]], 0, {}
-    while at + 2 <= len(data):
-        fmt, attr = data[at], data[at + 1]
-        if fmt == 4:  # EIFMT_SVAL: u16 size, then the value
-            size, = struct.unpack_from("<H", data, at + 2)
-            if attr == 0x2F:  # EIATTR_REGCOUNT
-                symbol, regs = struct.unpack_from("<II", data, at + 4)
-                counts[symbol] = regs
-            at += 4 + size
-        else:  # EIFMT_NVAL (no value), BVAL (1 byte), HVAL (2 bytes)
-            at += {1: 2, 2: 3, 3: 4}.get(fmt, len(data))
-    if text[7] not in counts:
-        raise SystemExit(f"ngkernels.aot: no register count for {entry} in .nv.info")
-    return counts[text[7]]
+    text = sections.get(f".text.{entry}")
+    counts = {}
+    for name, h in sections.items():
+        if not name.startswith(".nv.info"):
+            continue
+        data, at = cubin[h[4]:h[4] + h[5]], 0
+        while at + 4 <= len(data):
+            fmt, attr = data[at], data[at + 1]
+            if fmt == 4:  # EIFMT_SVAL
+                size, = struct.unpack_from("<H", data, at + 2)
+                if attr == 0x2F and size >= 8:  # EIATTR_REGCOUNT
+                    symbol, regs = struct.unpack_from("<II", data, at + 4)
+                    counts[symbol] = regs
+                at += 4 + size
+            else:  # EIFMT_NVAL, BVAL, HVAL: 4 bytes in all
+                at += 4
+    if text is not None and text[7] in counts:
+        return counts[text[7]]
+    if len(set(counts.values())) == 1:
+        return next(iter(counts.values()))
+    raise SystemExit(f"ngkernels.aot: no register count for {entry} in the cubin's .nv.info sections")
 
 
 def programs_per_sm(specs, results):

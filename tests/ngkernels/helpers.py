@@ -36,12 +36,12 @@ def call_op(op, v, target, v_ref, weight, opts):
 
 
 def oracle(op, v, target, v_ref, weight, opts):
-    """float64 loss and autograd gradient of the same (already dtype-rounded) inputs."""
+    """float64 loss and autograd gradient of the same (already dtype-rounded) inputs, on the CPU."""
     o = dict(opts)
-    v64 = v.detach().double().requires_grad_()
-    t64 = target.double() if op != "normguard" else None
-    r64 = v_ref.double() if op != "flow_matching" else None
-    w64 = weight.double() if op != "normguard" and weight is not None else None
+    v64 = v.detach().cpu().double().requires_grad_()  # on the CPU whatever v's device: the tests compare there
+    t64 = target.cpu().double() if op != "normguard" else None
+    r64 = v_ref.cpu().double() if op != "flow_matching" else None
+    w64 = weight.cpu().double() if op != "normguard" and weight is not None else None
     if op == "flow_matching":
         o = {"reduction": o.get("reduction", "mean")}
     if op == "normguard":
