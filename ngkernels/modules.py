@@ -104,10 +104,10 @@ class NormGuard(nn.Module):
     adaptive=True lambda is a device tensor, and the kernels take lambda as a launch constant, so the hinge and
     the MSE are two passes over v (one more read of v; small next to the transformer forward).
 
-    Keep the module out of dtype casts (`model.half()` casts the buffers of submodules too): its state is float64
-    on purpose. Buffers (for logging / checkpoints): lambda_ (the multiplier in use; equals ng_lambda when not adaptive),
-    ratio_mean and ratio_max (of the samples seen in the last update), ratio_ema (EMA of ratio_mean with decay
-    ema_decay, started at the first update), num_updates.
+    Keep the module out of dtype casts (`model.half()` casts the buffers of submodules too): its state is
+    float64 on purpose. Buffers (for logging / checkpoints): lambda_ (the multiplier in use; equals ng_lambda
+    when not adaptive), ratio_mean and ratio_max (of the samples seen in the last update), ratio_ema (EMA of
+    ratio_mean with decay ema_decay, started at the first update), num_updates.
     """
 
     CONSTRAINTS = ("ratio", "hinge")
@@ -211,7 +211,8 @@ class NormGuard(nn.Module):
         else:
             per_sample, v_norm, ref_norm = per_row, stats.v_norm, stats.ref_norm
         if stat_weight is not None and (not isinstance(stat_weight, torch.Tensor) or stat_weight.shape != (B,)):
-            raise ValueError(f"stat_weight must be a [B]=({B},) tensor, got {getattr(stat_weight, 'shape', stat_weight)}")
+            got = tuple(stat_weight.shape) if isinstance(stat_weight, torch.Tensor) else type(stat_weight).__name__
+            raise ValueError(f"stat_weight must be a [B]=({B},) tensor, got {got}")
         if B > 0 and self.training and torch.is_grad_enabled():
             self._accumulate(v_norm, ref_norm, stat_weight)
         if self.reduction == "mean":
