@@ -117,8 +117,11 @@ def main(argv=None) -> int:
 def _dry_run(cfg, resume) -> int:
     """The checks that need no model: the prompt pool (file readable, not empty), the reward name, the checkpoint
     --resume would continue from. Prints what the run would do."""
-    from training.loop import latest_checkpoint, prompt_pool
+    from training.guards import check_prompt_file
+    from training.loop import latest_checkpoint
+    from training.prompts import prompt_pool
 
+    check_prompt_file(cfg.rollout.prompt_file)
     prompts = prompt_pool(cfg)
     if resume:
         path = latest_checkpoint(cfg.run_dir) if resume is True else Path(resume)

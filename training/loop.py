@@ -42,6 +42,9 @@ from training.rewards import build_reward
 from training.sampling import policy_velocity, sample, sigma_schedule, train_sigmas
 from training.step_metrics import StepMetrics
 from training.grids import EvalGrid, spread
+from training.guards import check_model_folder, check_prompt_file, check_reward_output, finite_items
+from training.timing import COLUMNS as TIME_COLUMNS
+from training.timing import StepTimer
 from training.tracking import CSVTracker, accelerate_trackers, plot_run
 
 # stream tags for seeded generators
@@ -113,6 +116,7 @@ class Summary:
     steps: int
     setup_seconds: float = 0.0
     grids: list = field(default_factory=list)  # sample grid PNGs, first (before training) and last evaluation
+    timing: str = ""  # mean seconds per step and section (training.timing)
 
     def lines(self) -> list[str]:
         return [
@@ -125,6 +129,7 @@ class Summary:
             f"checkpoint         {self.checkpoint}",
             f"trained weights    {self.trained_weights}",
             *([f"sample grids       {self.grids[0]} (before) -> {self.grids[-1]} (after)"] if self.grids else []),
+            *([f"time per step      {self.timing}"] if self.timing else []),
             f"time               {self.setup_seconds:.1f} s set-up (model, pretraining or cache) + "
             f"{self.seconds:.1f} s RL",
         ]
@@ -160,12 +165,16 @@ class Trainer:
         set_seed(cfg.train.seed)
 
         # everything that can fail on bad input before the expensive parts (pretraining, model loading)
+        check_prompt_file(cfg.rollout.prompt_file)
+        check_model_folder(cfg.model.type, cfg.model.path)
         self.prompts = prompt_pool(cfg)
         self.reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
         self.method = build_method(cfg)
         self.model = build_model(cfg)
         self.method.setup(self.model)
         self.model.to(acc.device)
+        self.timer = StepTimer(acc.device)
+        self._check_reward()
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay)
         self.ddp_model, self.optimizer = acc.prepare(self.model, optimizer)
@@ -202,7 +211,8 @@ class Trainer:
     def _init_logs(self):
         acc = self.accelerator
         columns = ["reward_mean", "reward_std", "loss", *self.method.term_names, "norm_ratio", *self.bucket_names,
-                   "grad_norm", "skipped_updates", "nonfinite_losses", "eval_reward", "seconds"]
+                   "grad_norm", "skipped_updates", "nonfinite_losses", "nonfinite_rewards", "eval_reward", "seconds",
+                   *TIME_COLUMNS]
         self.csv_path = self.run_dir / "metrics.csv"
         if acc.is_main_process:
             if self.resume_from is None:  # a fresh run in a used directory: old checkpoints/logs would mix in
@@ -259,8 +269,16 @@ class Trainer:
             return sample(velocity, x1, sigmas, sampler, cfg.noise_level, step_noise, progress=progress)
 
     def _score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad(), self.timer("reward"):
+            out = self.reward(self.model.decode(latents), prompts)
+            return check_reward_output(out, len(prompts), self.cfg.reward.name).float().cpu()
+
+    def _check_reward(self) -> None:
+        """The reward's output contract (a float tensor [B]) on two decoded images, before any training."""
         with torch.no_grad():
-            return self.reward(self.model.decode(latents), prompts).float().cpu()
+            x = torch.zeros((2, *self.model.latent_shape), device=self.accelerator.device)
+            self._score(x, self.prompts[:1] * 2)
+        self.timer.discard()
 
     def _local_slots(self, total: int) -> list[int]:
         acc = self.accelerator
@@ -336,6 +354,11 @@ class Trainer:
                         self.run_dir / "samples", forward=self.ddp_model,
                         title=f"{cfg.log.run_name}: {cfg.method.name}, ng_lambda={cfg.normguard.ng_lambda}")
 
+    def _say(self, text: str) -> None:
+        """One line on the main process, above the progress bars."""
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+
     def _write_grid(self, step: int) -> None:
         if self.grid is not None:
             self.grid(step)
@@ -391,8 +414,9 @@ class Trainer:
             bar = tqdm(total=len(micro_batches), desc=f"train {step}", leave=False, disable=not self.progress,
                        unit="batch", dynamic_ncols=True)
             for micro in micro_batches:
-                batch = self._batch(micro.chunk, latents, slot_prompts, step, epoch)
-                out = self._accumulate(batch, micro, metrics)
+                with self.timer("loss_backward"):
+                    batch = self._batch(micro.chunk, latents, slot_prompts, step, epoch)
+                    out = self._accumulate(batch, micro, metrics)
                 metrics.add(out, batch.sigma, micro.weight, method.slots_per_item)
                 bar.update(1)
             bar.close()
@@ -443,7 +467,8 @@ class Trainer:
                 metrics.count("nonfinite")
             acc.backward(loss)
             if acc.sync_gradients:
-                self._optimizer_step(metrics)
+                with self.timer("optimizer"):
+                    self._optimizer_step(metrics)
         return out
 
     def _optimizer_step(self, metrics: StepMetrics) -> None:
@@ -497,27 +522,44 @@ class Trainer:
         if 0 not in state.eval_rewards:
             state.eval_rewards[0] = self.evaluate()
             self._write_grid(0)
+        self.timer.discard()  # the evaluation before training belongs to no step
         checkpoint = latest_checkpoint(self.run_dir) if self.resume_from else None
         outer = tqdm(range(state.step + 1, cfg.train.steps + 1), desc=f"{cfg.method.name} steps",
                      disable=not self.progress, dynamic_ncols=True)
         for step in outer:
             t0 = time.time()
-            latents, rewards, prompt_ids, slot_prompts = self.rollout(step)
-            advantages = group_advantages(rewards, prompt_ids, cfg.train.adv_std)
-            items = self.method.make_items(rewards, advantages, prompt_ids)
-            stats = self.train_on(items, latents, slot_prompts, step)
-            self.method.after_step(self.model, step)
+            with self.timer("rollout"):
+                latents, rewards, prompt_ids, slot_prompts = self.rollout(step)
+            # images whose reward is NaN/inf leave the advantages and the items (training.guards)
+            items, nonfinite = finite_items(self.method, rewards, prompt_ids, group_advantages, cfg.train.adv_std)
+            if items is None:
+                stats = {"skipped_updates": 1.0}
+                self._say(f"step {step}: skipped, every one of its {len(rewards)} rewards is NaN or inf")
+            else:
+                if nonfinite:
+                    self._say(f"step {step}: {nonfinite} of {len(rewards)} rewards are NaN or inf; those images leave "
+                              "the advantage computation")
+                stats = self.train_on(items, latents, slot_prompts, step)
+                self.method.after_step(self.model, step)
+                state.last_norm_ratio = stats["norm_ratio"]
             state.step = step
-            state.last_norm_ratio = stats["norm_ratio"]
+            stats["nonfinite_rewards"] = float(nonfinite)
+            finite = rewards[torch.isfinite(rewards)]
             eval_reward = math.nan
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                eval_reward = state.eval_rewards[step] = self.evaluate()
-                self._write_grid(step)
-            self.log({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)), **stats,
-                      "eval_reward": eval_reward, "seconds": time.time() - t0}, step)
-            outer.set_postfix(reward=f"{rewards.mean():.3f}", ratio=f"{stats['norm_ratio']:.4f}", refresh=False)
+                with self.timer("eval"):
+                    eval_reward = state.eval_rewards[step] = self.evaluate()
+                    self._write_grid(step)
+            seconds = time.time() - t0
+            reward_mean = float(finite.mean()) if len(finite) else math.nan
+            self.log({"reward_mean": reward_mean, "reward_std": float(finite.std(unbiased=False)) if len(finite)
+                      else math.nan, **stats, "eval_reward": eval_reward, "seconds": seconds, **self.timer.pop()},
+                     step)
+            outer.set_postfix(reward=f"{reward_mean:.3f}", ratio=f"{stats.get('norm_ratio', math.nan):.4f}",
+                              img_s=f"{len(rewards) / seconds:.1f}", refresh=False)
             if step == cfg.train.steps or (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0):
-                checkpoint = self.save_checkpoint(step)
+                with self.timer("checkpoint"):  # logged in the next row (this one is written)
+                    checkpoint = self.save_checkpoint(step)
         outer.close()
         return self.finish(checkpoint, time.time() - started)
 
@@ -537,7 +579,7 @@ class Trainer:
         grids = sorted((self.run_dir / "samples").glob("step-*.png"))
         return Summary(self.run_dir, state.eval_rewards[0], state.eval_rewards[last], state.last_norm_ratio,
                        self.csv_path, plot, checkpoint or Path(""), weights, seconds, state.step, self.setup_seconds,
-                       grids=[grids[0], grids[-1]] if grids else [])
+                       grids=[grids[0], grids[-1]] if grids else [], timing=self.timer.summary())
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
