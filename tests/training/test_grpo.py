@@ -235,7 +235,7 @@ def test_on_policy_ratio_deviation_under_autocast(precision, device):
     if precision == "float32":
         assert same.max() < 1e-6 and mismatch.max() < 1e-6
     else:
-        assert same.max() < 1e-3  # the loop's case: bounded (exactly 0 on CPU, whose kernels are batch-invariant)
+        assert same.max() < 1e-2  # the loop's case: bounded (exactly 0 on CPU, whose kernels are batch-invariant)
         assert mismatch.max() > 1e-6  # mixing precisions between rollout and loss is visible at PPO's clip scale
 
 
