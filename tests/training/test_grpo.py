@@ -294,6 +294,8 @@ def test_fast_window_is_the_only_stochastic_and_trained_part():
         make("method.grpo.sde_window=8", "sampling.num_steps=8")
     with pytest.raises(ValueError, match="noise_level > 0"):
         make("sampling.noise_level=0")
+    with pytest.raises(ValueError, match="rescale_to_reference"):
+        make("sampling.rescale_to_reference=true")
 
 
 def test_cfg_training_velocity_detaches_the_unconditional_branch():

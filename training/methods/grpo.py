@@ -178,6 +178,9 @@ class GRPO(Method):
         c, s = cfg.method.grpo, cfg.sampling
         if s.noise_level <= 0:
             raise ValueError("method grpo needs sampling.noise_level > 0 (its SDE rollout's log-probabilities)")
+        if s.rescale_to_reference:
+            raise ValueError("method grpo cannot sample with sampling.rescale_to_reference: the rollout's log-probs "
+                             "would be of another policy than the one trained")
         if s.num_steps < 2:
             raise ValueError("method grpo needs sampling.num_steps >= 2 (the last step is deterministic)")
         if c.sde_window > s.num_steps - 1:
