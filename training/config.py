@@ -154,7 +154,7 @@ class GRPOConfig:
     kl_beta: float = 0.04  # kl_beta * mean((mu - mu_ref)^2) / (2 std^2) (authors: 0.04 ocr/geneval, 0.01 pickscore)
     timestep_fraction: float = 0.99  # trained transitions per image: ceil(fraction * stochastic steps)
     sde_window: int = 0  # 0: Flow-GRPO (every step but the last stochastic); w: Flow-GRPO-Fast, w SDE steps
-    sde_window_range_end: int = 0  # Fast: the window starts in [0, end - w]; 0: num_steps // 2 (authors)
+    sde_window_range_end: int = 0  # Fast: the window starts in [0, end - w]; 0: num_steps // 2 (authors' *_nocfg)
     timesteps: Literal["rollout"] = "rollout"  # the rollout's own transitions (no train_sigmas scheme)
     num_timesteps: int = 0  # > 0 overrides timestep_fraction: trained transitions per image and inner epoch
 
