@@ -19,7 +19,8 @@ N(mu_k, std_k^2 |dt| I) averaged over the latent's elements, as the authors aver
 
 mu_theta - mu_ref = c_k dt (v_theta - v_ref) with c_k = 1 + std_k^2 (1 - sigma) / (2 sigma), so the KL term is
 the weighted MSE  w_k * mean((v_theta - v_ref)^2),  w_k = kl_beta (c_k dt)^2 / (2 std_k^2): it and NormGuard come
-from one fused `fm_normguard_loss(v, v_ref, v_ref, weight=w_k)` call. (The authors divide by 2 std_k^2, not by
+from one fused `fm_normguard_loss(v, v_ref, v_ref, weight=w_k)` call (both sides are means over the latent's
+elements, as the authors' KL is, so no element count enters w_k). (The authors divide by 2 std_k^2, not by
 the transition's variance 2 std_k^2 |dt|; the exact Gaussian KL is theirs times 1/|dt|. Theirs is kept, so their
 published kl_beta means the same here.)
 
@@ -46,8 +47,10 @@ FLUX at 512 px (16 x 64 x 64 float32 = 256 KiB per latent), 10 steps: 10 latents
 GPU. Recomputing the states would re-run the whole rollout (num_steps forwards per image) and recomputing the
 log-probs would need an extra forward over every trained transition before the step's first update (a third of
 the training compute), whereas storing them costs a few MiB. The stored log-probs are the behaviour policy's
-own, computed in the rollout's numerics (batch composition, CFG batching, autocast): in float64 the on-policy
-ratio is exactly 1; in bf16 / fp16 it deviates (measured in training/README.md), which the PPO clip absorbs.
+own, computed in the rollout's numerics (batch composition, CFG batching, autocast). On-policy the ratio is
+exactly 1 in float64 (tested), and on CPU also under one autocast for rollout and loss (the loop's case); a bf16
+rollout scored by a float32 loss deviates by up to 7e-4, above the 1e-4 clip (training/README.md). On GPUs,
+batch-shape-dependent kernels add a deviation this repository has not measured yet.
 """
 
 from __future__ import annotations
