@@ -38,6 +38,9 @@ def spy_on_forward(monkeypatch, check):
     interpreted = ops.INTERPRETED
 
     class Spy:
+        def __getattr__(self, name):  # fn, arg_names, warmup: the launcher reads the compiled kernel through them
+            return getattr(launch, name)
+
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 check(grid, args, kwargs)
