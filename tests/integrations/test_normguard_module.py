@@ -93,6 +93,11 @@ def test_dual_ascent_converges_to_the_closed_form_multiplier():
     assert abs(guard.ratio_ema.item() - (1 + m)) < 1e-5
     assert abs(guard.ratio_max.item() - ratio_a) < 1e-5
     assert guard.num_updates.item() == 400
+    logged = guard.log_dict()
+    assert set(logged) == {"normguard/lambda", "normguard/ratio_mean", "normguard/ratio_max", "normguard/ratio_ema"}
+    assert logged["normguard/lambda"].item() == guard.lambda_.item()
+    guard.lambda_.add_(1.0)
+    assert logged["normguard/lambda"].item() != guard.lambda_.item()  # a snapshot, not a view of the buffer
 
 
 def test_fixed_lambda_and_hinge_constraint_overshoot_below_the_target():
