@@ -10,6 +10,13 @@ variants the issue asks to decide by measurement (tile 4096 vs 2048, L2 keep pol
 misaligned view); launches and peak extra memory of a full pass; the compiled-variant count over a varying-B
 loop; the cost of the per-launch ticket memset; and the reduce-overhead step at S.
 
+Timing: on CUDA each input set's call is captured in a CUDA graph and the replays are timed back to back
+(`graph_time`), so the numbers are device time, not the host's dispatch. The first H200 run of this script
+(2026-12-04) timed one eager call between events instead: every op then took ~0.2 ms whatever its size
+(host-bound on that machine), which says nothing about bandwidth; those rows are kept in
+benchmarks/results/sweep-nvidia-h200.* as per-call latency. Where capture fails the row falls back to that
+per-call timing and says so (column `timer`).
+
 Bytes moved: forward 3N elements read (v, v_ref, target); full pass 3N + 2N read + N written = 6N (the floor is
 4N: read the three inputs, write the gradient). Inputs rotate among enough copies to exceed twice the L2, so a
 repeat never finds its data in the cache (METHOD: do not time the cache).
@@ -62,6 +69,44 @@ def bench(fn, reps, device):
             times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_time(fns, reps, device):
+    """Seconds per call of fns (one per input set), each captured once in a CUDA graph, replayed round-robin
+    reps times between two events: device time without host dispatch gaps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compiles, autograd and allocator state
+        for fn in fns:
+            fn()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for fn in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    for g in graphs:
+        g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        for g in graphs:
+            g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / (reps * len(graphs))
+
+
+def timed(make, sets, reps, device):
+    """(seconds per call, timer name): CUDA-graph replays where capture works, else per-call events."""
+    if device.type == "cuda":
+        try:
+            return graph_time([make(fn_set) for fn_set in ([s] for s in sets)], reps, device), "graph"
+        except Exception as exc:  # e.g. an op that syncs: time it per call instead
+            print(f"graph capture failed ({type(exc).__name__}: {exc}); per-call timing", flush=True)
+    return bench(make(sets), reps, device), "per-call"
 
 
 def copy_bandwidth(device, nbytes):
@@ -203,10 +248,11 @@ def main(argv=None):
                     os.environ["NGKERNELS_TILE"] = setting["NGKERNELS_TILE"]
                 ops.L2_KEEP = setting.get("L2_KEEP", False)
                 try:
-                    t_fwd = bench(forward_fn(fn, sets), reps, device)
+                    t_fwd, timer = timed(lambda s, fn=fn: forward_fn(fn, s), sets, reps, device)
+                    t_full, _ = timed(lambda s, fn=fn: full_pass_fn(fn, s), sets, reps, device)
                     full = full_pass_fn(fn, sets)
-                    t_full = bench(full, reps, device)
-                    record(shape=sname, dtype=dname, B=B, N=N, impl=name, fwd_ms=t_fwd * 1e3, full_ms=t_full * 1e3,
+                    record(shape=sname, dtype=dname, B=B, N=N, impl=name, timer=timer, fwd_ms=t_fwd * 1e3,
+                           full_ms=t_full * 1e3,
                            fwd_frac_copy=fwd_bytes / t_fwd / bw, full_frac_copy=full_bytes / t_full / bw,
                            full_frac_copy_floor4N=(4 * B * N * esize) / t_full / bw,
                            launches_full=_safe(count_launches, full, device),
@@ -222,9 +268,9 @@ def main(argv=None):
                         os.environ["NGKERNELS_TILE"] = old_env
             if sname in ("S", "XL", "F") and elapsed() < args.budget_s:  # misaligned views (offset 1 element)
                 mis = make_sets(B, N, dtype, device, l2, offset=1)
-                t_fwd = bench(forward_fn(ngk, mis), reps, device)
-                t_full = bench(full_pass_fn(ngk, mis), reps, device)
-                record(shape=sname, dtype=dname, B=B, N=N, impl="ngkernels-misaligned", fwd_ms=t_fwd * 1e3,
+                t_fwd, timer = timed(lambda s: forward_fn(ngk, s), mis, reps, device)
+                t_full, _ = timed(lambda s: full_pass_fn(ngk, s), mis, reps, device)
+                record(shape=sname, dtype=dname, B=B, N=N, impl="ngkernels-misaligned", timer=timer, fwd_ms=t_fwd * 1e3,
                        full_ms=t_full * 1e3, fwd_frac_copy=fwd_bytes / t_fwd / bw,
                        full_frac_copy=full_bytes / t_full / bw)
             del sets
