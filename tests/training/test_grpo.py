@@ -362,7 +362,8 @@ def test_toy_run_logs_grpo_terms(toy_cfg):
     assert (summary.checkpoint / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("kind, extra", [("sd3", ["sampling.guidance_scale=2.0"]),
+@pytest.mark.parametrize("kind, extra", [("sd3", ["sampling.guidance_scale=2.0", "model.dtype=bfloat16",
+                                                  "train.mixed_precision=bf16"]),
                                          ("flux", ["method.grpo.sde_window=1", "sampling.num_steps=3"])])
 def test_one_step_on_a_tiny_pipeline(kind, extra, tmp_path):
     import csv
