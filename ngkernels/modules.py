@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ngkernels import functional as F
+from ngkernels.reference import LossStats
 
 
 class NormGuardLoss(nn.Module):
@@ -221,7 +222,7 @@ class NormGuard(nn.Module):
             loss = per_sample.sum()
         else:
             loss = per_sample
-        return (loss, F.LossStats(v_norm, ref_norm, mse)) if self.return_stats else loss
+        return (loss, LossStats(v_norm, ref_norm, mse)) if self.return_stats else loss
 
     @torch.no_grad()
     def _accumulate(self, v_norm: torch.Tensor, ref_norm: torch.Tensor, w) -> None:
