@@ -232,8 +232,8 @@ def test_on_policy_ratio_deviation_under_autocast(precision, device):
     mismatch = (m.loss(batch, model.velocity, model).extras["ratio"] - 1).abs()
     print(f"\n{device} {precision}: on-policy |ratio - 1| same autocast: mean {same.mean():.3g} max {same.max():.3g};"
           f" loss in float32: mean {mismatch.mean():.3g} max {mismatch.max():.3g} ({same.numel()} rows)")
-    if precision == "float32":
-        assert same.max() < 1e-6 and mismatch.max() < 1e-6
+    if precision == "float32":  # (CUDA convolutions may run in TF32, whose rounding depends on the batch shape)
+        assert same.max() < (1e-6 if device == "cpu" else 1e-3) and mismatch.max() < (1e-6 if device == "cpu" else 1e-3)
     else:
         assert same.max() < 1e-2  # the loop's case: bounded (exactly 0 on CPU, whose kernels are batch-invariant)
         assert mismatch.max() > 1e-6  # mixing precisions between rollout and loss is visible at PPO's clip scale
