@@ -28,10 +28,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training core: config, sampling, models, rewards and their helpers", (
         "training", "training.config", "training.registry", "training.prompts", "training.sampling",
         "training.models", "training.models.*", "training.rewards", "training.rewards.*", "training.toy",
-        "training.toy.*", "training.tracking", "training.checkpoint")),
+        "training.toy.*", "training.tracking", "training.checkpoint", "training.guards")),
     ("methods", ("training.methods", "training.methods.*")),
     ("the loop, its logging and its command line", (
-        "training.loop", "training.step_metrics", "training.grids", "training.__main__")),
+        "training.loop", "training.step_metrics", "training.grids", "training.timing", "training.__main__")),
     ("analysis and benchmarks", ("training.analysis", "training.analysis.*", "benchmarks", "benchmarks.*")),
 ]
 
