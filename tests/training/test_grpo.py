@@ -57,7 +57,8 @@ def rollout(cfg, model, m, n=6, seed=0, autocast=None):
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     gens = [torch.Generator().manual_seed(seed * 100 + j) for j in range(n)]
     K = cfg.sampling.num_steps
-    x1 = torch.stack([torch.randn(model.latent_shape, generator=gg, dtype=torch.float64) for gg in gens]).to(device, dtype)
+    x1 = torch.stack([torch.randn(model.latent_shape, generator=gg, dtype=torch.float64) for gg in gens])
+    x1 = x1.to(device, dtype)
     noise = torch.stack([torch.randn((K, *model.latent_shape), generator=gg, dtype=torch.float64) for gg in gens],
                         dim=1).to(device, dtype)
     encode = encoder(model)
@@ -336,7 +337,8 @@ def test_memory_kept_per_image():
     cfg, model, m = make("sampling.num_steps=10")
     trajs, *_ = rollout(cfg, model, m, n=2)
     assert all(isinstance(t, Trajectory) and t.states.shape == (10, *model.latent_shape) for t in trajs.values())
-    assert all(t.states.untyped_storage().nbytes() == t.states.numel() * 4 for t in trajs.values())  # no view into the batch
+    # each its own storage, not a view that keeps the whole batch's states alive
+    assert all(t.states.untyped_storage().nbytes() == t.states.numel() * 4 for t in trajs.values())
     cfg, model, m = make("sampling.num_steps=10", "method.grpo.sde_window=2")
     trajs, *_ = rollout(cfg, model, m, n=2)
     assert all(t.states.shape == (3, *model.latent_shape) for t in trajs.values())
