@@ -383,6 +383,7 @@ def test_instruments_on_tiny_pretrained_pipelines(kind, tmp_path):
     prompts = ["a red cat", "a blue dog"]
     cfg = load_config(overrides=[f"model.type={kind}", f"model.path={folder}", "model.resolution=32",
                                  "model.max_sequence_length=8", f"rollout.prompts=[{', '.join(prompts)}]"])
+    torch.manual_seed(0)  # LoRA init and the lora_B perturbation below: the same weights whatever ran before
     model = build_model(cfg)
     guidance = 2.0 if kind == "sd3" else 1.0  # SD3 exercises the CFG path (negative prompt "")
     at_init = norm_ratio_by_timestep(model, prompts, num_steps=2, guidance_scale=guidance, progress=False)
