@@ -32,7 +32,7 @@ def test_overrides_read_yaml_values_and_check_types():
     ("train.steps=2.5", "'train.steps' must be an integer"),
     ("train.lr=fast", "'train.lr' must be a number"),
     ("normguard.squared=maybe", "'normguard.squared' must be true or false"),
-    ("method.name=ppo", "'method.name' must be one of ['nft', 'awm', 'dpo']"),
+    ("method.name=ppo", "'method.name' must be one of ['nft', 'awm', 'dpo', 'grpo']"),
     ("sampling.sampler=heun", "'sampling.sampler' must be one of"),
     ("normguard.ng_lambda=-0.1", "'normguard.ng_lambda' must be >= 0"),
     ("rollout.group_size=1", "'rollout.group_size' must be >= 2"),
