@@ -117,19 +117,14 @@ def main(argv=None) -> int:
 def _dry_run(cfg, resume) -> int:
     """The checks that need no model: the prompt pool (file readable, not empty), the reward name, the checkpoint
     --resume would continue from. Prints what the run would do."""
+    from training.checkpoint import resume_checkpoint
     from training.guards import check_prompt_file
-    from training.loop import latest_checkpoint
     from training.prompts import prompt_pool
 
     check_prompt_file(cfg.rollout.prompt_file)
     prompts = prompt_pool(cfg)
-    if resume:
-        path = latest_checkpoint(cfg.run_dir) if resume is True else Path(resume)
-        if path is None or not path.is_dir():
-            raise CliError(f"--resume: no checkpoint found ({path or cfg.run_dir / 'checkpoints'})")
-        start = f"resume from {path}"
-    else:
-        start = "fresh run"
+    path = resume_checkpoint(cfg.run_dir, resume)  # the Trainer's choice and its one-line error
+    start = f"resume from {path}" if path is not None else "fresh run"
     print(f"dry run: config OK; {start}; {cfg.model.type} model, method {cfg.method.name}, {cfg.train.steps} "
           f"steps, {len(prompts)} prompts, trackers {cfg.log.trackers}; would write to {cfg.run_dir}")
     return 0

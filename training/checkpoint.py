@@ -15,15 +15,73 @@ accelerate's own save/load hooks so that, for the FlowModel,
 Everything else (optimizer, RNG states, registered objects such as the loop's RunState) is accelerate's
 usual save/load. Under DeepSpeed / FSDP / Megatron accelerate saves and loads the model itself (full state)
 and the hooks leave it alone.
+
+Where checkpoints live is also here, once: `<run_dir>/checkpoints/step-N`, written atomically
+(`save_checkpoint`), found by `latest_checkpoint`, chosen for --resume by `resume_checkpoint` (the trainer and
+the CLI's --dry-run give the same one-line error when there is none).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from training.models.base import FlowModel
+
+
+def step_of(folder: Path) -> int:
+    """N of a checkpoints/step-N folder."""
+    return int(folder.name.split("-")[1])
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (a half-written .tmp-step-N folder is not one)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"), key=step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resume_checkpoint(run_dir: str | Path, resume: bool | str) -> Path | None:
+    """The checkpoint --resume continues from: the run's latest (resume=True) or the given folder; None when not
+    resuming. A one-line ValueError when there is none."""
+    if not resume:
+        return None
+    path = latest_checkpoint(run_dir) if resume is True else Path(resume)
+    if path is None or not path.is_dir():
+        raise ValueError(f"--resume: no checkpoint found ({path or Path(run_dir) / 'checkpoints'})")
+    return path
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, keep: int) -> Path:
+    """accelerate save_state into checkpoints/.tmp-step-N, then an atomic rename to checkpoints/step-N (a kill -9
+    leaves the last complete checkpoint); only the newest `keep` checkpoints stay.
+
+    The folder holds model.safetensors with only the weights training changes (`FlowModel.checkpoint_keys`:
+    the trained LoRA or transformer and the old / EMA / ref policies; not the frozen base weights or the
+    reference copy, which the Trainer rebuilds from the config; see `register_checkpoint_hooks`), the
+    optimizer, the RNG states and the registered objects (the loop's RunState)."""
+    acc = accelerator
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
 
 
 def model_file(folder: str | Path, index: int = 0) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.checkpoint import register_checkpoint_hooks
+from training.checkpoint import latest_checkpoint, register_checkpoint_hooks, resume_checkpoint, save_checkpoint
 from training.config import Config, diff_configs, dump_config, load_config
 from training.methods import build_method
 from training.methods.base import Item, TrainBatch
@@ -135,11 +135,6 @@ class Summary:
         ]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: bool | str = False):
         from accelerate import Accelerator
@@ -194,11 +189,11 @@ class Trainer:
     # set-up helpers
 
     def _resume_checkpoint(self, resume) -> Path | None:
-        if not resume:
+        """The checkpoint to resume from (training.checkpoint.resume_checkpoint), refused if the config changed
+        anything but train.steps and log.*."""
+        path = resume_checkpoint(self.run_dir, resume)
+        if path is None:
             return None
-        path = latest_checkpoint(self.run_dir) if resume is True else Path(resume)
-        if path is None or not path.is_dir():
-            raise ValueError(f"--resume: no checkpoint found ({path or self.run_dir / 'checkpoints'})")
         saved = self.run_dir / "config.yaml"
         if saved.is_file():
             changed = [k for k in diff_configs(load_config(saved), self.cfg)
@@ -488,29 +483,8 @@ class Trainer:
     # checkpoints
 
     def save_checkpoint(self, step: int) -> Path:
-        """accelerate save_state into a temporary folder, then an atomic rename to checkpoints/step-N.
-
-        The folder holds model.safetensors with only the weights training changes (`FlowModel.checkpoint_keys`:
-        the trained LoRA or transformer and the old / EMA / ref policies; not the frozen base weights or the
-        reference copy, which the Trainer rebuilds from the config), the optimizer, the RNG states and the
-        RunState (training.checkpoint)."""
-        acc = self.accelerator
-        root = self.run_dir / "checkpoints"
-        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            root.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            kept = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in kept[:-self.cfg.log.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        """checkpoints/step-N, atomic and trimmed to what training changes (training.checkpoint.save_checkpoint)."""
+        return save_checkpoint(self.accelerator, self.run_dir, step, self.cfg.log.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------
     # the loop

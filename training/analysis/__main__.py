@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from training.analysis.io import write_csv
     from training.analysis.norms import norm_ratio_over_training, plot_ratio_by_timestep
     from training.config import load_config
-    from training.loop import latest_checkpoint
+    from training.checkpoint import latest_checkpoint
     from training.prompts import prompt_pool
     from training.rewards import build_reward
 

@@ -17,6 +17,7 @@ from training.analysis.study.grid import METHODS, REFERENCE, StudySettings, labe
 from training.analysis.study.jobs import drain, eval_job, spawn_context, train_job
 from training.analysis.study.matching import eval_reward_curve, match_checkpoint
 from training.analysis.study.report import write_report
+from training.checkpoint import checkpoints, step_of
 from training.prompts import prompt_pool
 
 
@@ -98,6 +99,6 @@ def _prune_checkpoints(cfgs, train_info, matches) -> None:
         keep = {cfgs[(method, ng, seed)].train.steps}
         if ng == "off":
             keep.add(matches[(method, seed)]["step"])
-        for path in (Path(info["run_dir"]) / "checkpoints").glob("step-*"):
-            if int(path.name.split("-")[1]) not in keep:
+        for path in checkpoints(info["run_dir"]):
+            if step_of(path) not in keep:
                 shutil.rmtree(path)
