@@ -264,6 +264,18 @@ INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
 # Launch plan: one rule for the Python launcher and the native library's generator (`ngkernels.aot`)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(x, 1) - 1).bit_length()
+
+
+# triton.cdiv / next_power_of_2 are JIT-callable functions: called from Python they cost microseconds each,
+# more than the rest of the plan (measured: 60 % of the launcher's host time); these are the plain-int twins.
+
+
 class LaunchPlan(NamedTuple):
     rows: int  # ROWS: rows per program
     block_n: int  # BLOCK_N: columns per loop iteration
@@ -274,29 +286,31 @@ class LaunchPlan(NamedTuple):
     block_s: int  # BLOCK_S: split partials read per step by the last arrival
 
 
+@functools.lru_cache(maxsize=4096)
 def tile_of(N: int, tile: int = TILE, block_ns=None):
     """(rows, block_n, num_warps, block_s) of the tile a row of N elements gets. block_n is N's next power of
     two up to the tile (or, given the compiled `block_ns`, the smallest of them that covers it); rows fill the
     tile, whatever B is (so B never selects a variant); only the widest tile splits rows, so only it needs
     more than one split partial per step."""
-    block_n = min(triton.next_power_of_2(max(N, 1)), tile)
+    block_n = min(_next_pow2(max(N, 1)), tile)
     if block_ns is not None:
-        block_n = next(b for b in sorted(block_ns) if b >= block_n)
+        block_n = next(b for b in sorted(block_ns) if b >= block_n)  # block_ns: a tuple (cached)
     rows = max(1, tile // block_n)
     num_warps = 8 if rows * block_n >= 4096 else 4
-    return rows, block_n, num_warps, (triton.next_power_of_2(MAX_SPLITS) if block_n >= tile else 1)
+    return rows, block_n, num_warps, (_next_pow2(MAX_SPLITS) if block_n >= tile else 1)
 
 
+@functools.lru_cache(maxsize=4096)
 def launch_plan(B: int, N: int, programs: int, splits: int = 0, tile: int = TILE, block_ns=None) -> LaunchPlan:
     """The grid for a [B, N] problem: short rows packed `rows` to a program, long rows split across programs
     until about `programs` run (one wave: SMs x CTAs per SM), at most MAX_SPLITS. `splits` > 0 forces the split
     count (tests; NGKERNELS_SPLITS)."""
     rows, block_n, num_warps, block_s = tile_of(N, tile, block_ns)
-    n_row_blocks = triton.cdiv(B, rows)
-    max_splits = min(triton.cdiv(N, block_n), MAX_SPLITS)
-    want = splits if splits > 0 else triton.cdiv(programs, n_row_blocks)
-    chunk_blocks = triton.cdiv(triton.cdiv(N, max(1, min(want, max_splits))), block_n)
-    n_splits = max(1, triton.cdiv(N, chunk_blocks * block_n))
+    n_row_blocks = _cdiv(B, rows)
+    max_splits = min(_cdiv(N, block_n), MAX_SPLITS)
+    want = splits if splits > 0 else _cdiv(programs, n_row_blocks)
+    chunk_blocks = _cdiv(_cdiv(N, max(1, min(want, max_splits))), block_n)
+    n_splits = max(1, _cdiv(N, chunk_blocks * block_n))
     return LaunchPlan(rows, block_n, n_row_blocks, n_splits, chunk_blocks, num_warps, block_s)
 
 
