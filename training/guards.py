@@ -93,4 +93,28 @@ def finite_items(method, rewards: torch.Tensor, prompt_ids: torch.Tensor, advant
     return items, dropped
 
 
-__all__ = ["check_model_folder", "check_prompt_file", "check_reward_output", "finite_items"]
+
+
+def check_launch(accelerator) -> None:
+    """The launch gave the run the processes and the engine it asked for.
+
+    Two traps of `accelerate launch` on a machine without GPUs: an FSDP / multi-GPU config without --cpu starts
+    N processes that each set up a single-process run (N independent runs writing the same directory), and
+    accelerate (1.16) enables FSDP only on GPUs / accelerators, so an FSDP config on CPU silently trains with
+    plain DDP (or, with --cpu, in one process). Both are refused here, before any work."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = getattr(accelerator.distributed_type, "value", accelerator.distributed_type)
+    if world > 1 and accelerator.num_processes == 1:
+        raise ValueError(f"launched as one of {world} processes, but accelerate set up a single-process run "
+                         f"(distributed type {kind}): without GPUs, launch with --cpu "
+                         "(e.g. --config_file training/configs/accelerate/cpu_2proc.yaml)")
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and getattr(accelerator.state, "fsdp_plugin", None) is None:
+        raise ValueError(f"the accelerate config asks for FSDP, but accelerate runs {kind} "
+                         f"on {accelerator.device.type}: accelerate enables FSDP only on GPUs / accelerators; on CPU "
+                         "use training/configs/accelerate/cpu_2proc.yaml (DDP)")
+
+
+__all__ = ["check_launch", "check_model_folder", "check_prompt_file", "check_reward_output", "finite_items"]

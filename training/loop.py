@@ -42,7 +42,7 @@ from training.rewards import build_reward
 from training.sampling import policy_velocity, sample, sigma_schedule, train_sigmas
 from training.step_metrics import StepMetrics
 from training.grids import EvalGrid, spread
-from training.guards import check_model_folder, check_prompt_file, check_reward_output, finite_items
+from training.guards import check_launch, check_model_folder, check_prompt_file, check_reward_output, finite_items
 from training.timing import COLUMNS as TIME_COLUMNS
 from training.timing import StepTimer
 from training.tracking import CSVTracker, accelerate_trackers, plot_run
@@ -152,6 +152,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         elif acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # no oversubscription
+        check_launch(acc)  # the processes and the engine the launch asked for (FSDP is GPU-only in accelerate)
         self.progress = cfg.log.progress and acc.is_local_main_process
         slots = cfg.rollout.prompts_per_step * cfg.rollout.group_size
         if slots < acc.num_processes:
