@@ -219,8 +219,10 @@ def run_recipe(name, form, dtype, size):
 
     # the oracle: the authors' loss + ng_lambda * mean_i hinge_i, all in float64 math
     expected = authors + form["ng_lambda"] * plain.hinge(v, v_ref.to(v.dtype), **_hinge_opts(form)).mean()
-    got_grads = torch.autograd.grad(total, leaves, retain_graph=True)
-    exp_grads = torch.autograd.grad(expected, leaves)
+    # the oracle's backward first, keeping the shared graph; then the recipe's, once, as a trainer runs it (the
+    # torch backend compiles its CPU path for large rows, and a compiled backward may not be retained)
+    exp_grads = torch.autograd.grad(expected, leaves, retain_graph=True)
+    got_grads = torch.autograd.grad(total, leaves)
     logged = ns[box][key]
     logged = logged[-1] if isinstance(logged, list) else logged
     ratio = (v.detach().flatten(1).double().norm(dim=1) / v_ref.flatten(1).double().norm(dim=1)).mean()
