@@ -98,6 +98,14 @@ class NormGuardConfig:
     squared: bool = False
     relative: bool = False  # hinge on ||v||/||v_ref|| - (1+margin): scale-free across timesteps
     per_token: bool = False  # norms per spatial token ([B,C,H,W] -> [B*H*W, C]) instead of per sample
+    # adaptive: lambda is a multiplier, starting at ng_lambda and updated once per RL step by projected dual ascent,
+    #   lambda <- clip(lambda + lambda_lr * g, 0, lambda_max), g = the step's mean of ratio_i - (1 + margin)
+    #   (constraint "ratio": settles where the mean ratio ||v||/||v_ref|| is 1 + margin) or of its positive part
+    #   ("hinge": lambda never falls). The update is ngkernels.NormGuard's (training/methods/base.py).
+    adaptive: bool = False
+    lambda_lr: float = 1.0  # dual step size, per RL step
+    lambda_max: float = 10.0
+    constraint: Literal["ratio", "hinge"] = "ratio"
 
 
 TimestepScheme = Literal["sampler", "stratified", "logit_normal", "uniform"]
@@ -244,6 +252,7 @@ RANGES = {
                                                                                      "images of one prompt)"),
     "rollout.batch_size": _AT_LEAST_1,
     "normguard.ng_lambda": _NON_NEGATIVE, "normguard.margin": (lambda x: x > -1, "> -1"),
+    "normguard.lambda_lr": _POSITIVE, "normguard.lambda_max": _NON_NEGATIVE,
     "method.nft.beta": _POSITIVE, "method.nft.kl_beta": _NON_NEGATIVE, "method.nft.adv_clip_max": _POSITIVE,
     "method.nft.old_decay_rate": _NON_NEGATIVE, "method.nft.old_decay_max": _UNIT,
     "method.nft.num_timesteps": _AT_LEAST_1,
@@ -436,6 +445,9 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if not ok(value):
             raise ValueError(f"config key {key!r} must be {what}, got {value!r}")
+    if cfg.normguard.adaptive and cfg.normguard.lambda_max < cfg.normguard.ng_lambda:
+        raise ValueError(f"normguard.lambda_max ({cfg.normguard.lambda_max}) must be >= normguard.ng_lambda "
+                         f"({cfg.normguard.ng_lambda}), the adaptive multiplier's starting value")
     toy = cfg.model.toy
     if toy.image_size % toy.patch_size:
         raise ValueError(f"model.toy.image_size ({toy.image_size}) must be a multiple of model.toy.patch_size "

@@ -177,6 +177,8 @@ class Trainer:
         register_checkpoint_hooks(acc, self.model)  # checkpoints hold what training changes, not frozen weights
         self.state = RunState()
         acc.register_for_checkpointing(self.state)
+        if self.method.guard is not None:  # adaptive NormGuard: lambda and its statistics, exact on --resume
+            acc.register_for_checkpointing(self.method.guard)
         self.sampler_sigmas = sigma_schedule(cfg.sampling.num_steps, cfg.sampling.shift)
         self.buckets = torch.linspace(0, 1, cfg.log.ratio_buckets + 1)
         self.bucket_names = [f"norm_ratio/{lo:.2f}-{hi:.2f}" for lo, hi in zip(self.buckets[:-1].tolist(),
@@ -206,9 +208,9 @@ class Trainer:
 
     def _init_logs(self):
         acc = self.accelerator
-        columns = ["reward_mean", "reward_std", "loss", *self.method.term_names, "norm_ratio", *self.bucket_names,
-                   "grad_norm", "skipped_updates", "nonfinite_losses", "nonfinite_rewards", "eval_reward", "seconds",
-                   *TIME_COLUMNS]
+        columns = ["reward_mean", "reward_std", "loss", *self.method.term_names, "norm_ratio", "ng_lambda",
+                   *self.bucket_names, "grad_norm", "skipped_updates", "nonfinite_losses", "nonfinite_rewards",
+                   "eval_reward", "seconds", *TIME_COLUMNS]
         self.csv_path = self.run_dir / "metrics.csv"
         if acc.is_main_process:
             if self.resume_from is None:  # a fresh run in a used directory: old checkpoints/logs would mix in
@@ -457,6 +459,7 @@ class Trainer:
         scale = acc.num_processes * self.cfg.train.grad_accum / max(micro.real_rows, 1)
         with acc.accumulate(self.ddp_model):
             with acc.autocast():
+                self.method.row_weight = micro.weight  # padding rows stay out of adaptive NormGuard's statistics
                 out = self.method.loss(batch, self.ddp_model, self.model)
             loss = (out.loss.float() * micro.weight).sum() * scale
             if not torch.isfinite(loss):
@@ -514,7 +517,10 @@ class Trainer:
                 if nonfinite:
                     self._say(f"step {step}: {nonfinite} of {len(rewards)} rewards are NaN or inf; those images leave "
                               "the advantage computation")
+                ng_lambda = self.method.normguard_lambda()  # the multiplier this step's loss used
                 stats = self.train_on(items, latents, slot_prompts, step)
+                self.method.update_normguard()  # adaptive NormGuard's dual step, once per RL step
+                stats["ng_lambda"] = ng_lambda
                 self.method.after_step(self.model, step)
                 state.last_norm_ratio = stats["norm_ratio"]
             state.step = step

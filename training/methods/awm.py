@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import ngkernels
-from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages, reference_terms
+from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages
 
 EMA = "ema"
 
@@ -52,7 +52,7 @@ class AWM(Method):
         ratio = torch.exp(logp - logp_old)
         adv = (clipped_advantages(batch.advantages, c.adv_clip_max) * c.adv_max).to(ratio.dtype)
         policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - c.clip_range, 1 + c.clip_range)).float()
-        ref = reference_terms(model, v, v_ref, self.ng, kl_weight=c.kl_beta)
+        ref = self.reference_terms(model, v, v_ref, kl_weight=c.kl_beta)
         ema = ngkernels.flow_matching_loss(v, v_ema, weight=torch.full_like(ref.loss, c.ema_beta), reduction="none")
         terms = {"policy": policy.detach(), "kl": ref.kl, "ema": ema.detach(), "normguard": ref.normguard}
         return LossOutput(policy + ref.loss + ema, terms, ref.v_norm, ref.ref_norm, extras={"logp": logp.detach()})

@@ -6,6 +6,14 @@ hinge goes through the ngkernels ops (`flow_matching_loss`, `fm_normguard_loss`)
 their per-sample outputs. The NormGuard term and its statistics (||v||, ||v_ref||, for the logged norm ratio)
 come from one `fm_normguard_loss(..., return_stats=True)` call, fused with the method's own KL-to-reference
 MSE where it has one (`reference_terms`, which returns the KL and the NormGuard parts apart).
+
+Adaptive NormGuard (`normguard.adaptive`): the method holds an `ngkernels.NormGuard(adaptive=True)` (`guard`),
+the one home of the dual-ascent update. Its forward gives the hinge times the current lambda and accumulates
+the step's ratios (padding rows left out by `row_weight`, which the loop sets per micro-batch); the loop calls
+`update_normguard` once per RL step, after the step's last optimizer update, on every process. Why per RL step:
+lambda is then one number per step, the same for every micro-batch and process, logged as the `ng_lambda`
+column. The guard's buffers (lambda and its statistics) are saved in every checkpoint (the loop registers the
+guard with accelerate), so --resume replays the same lambda sequence.
 """
 
 from __future__ import annotations
@@ -96,6 +104,8 @@ class Method:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.ng = cfg.normguard
+        self.guard = build_guard(cfg.normguard)  # None unless normguard.adaptive
+        self.row_weight: Optional[torch.Tensor] = None  # set by the loop per micro-batch: 1 real row, 0 padding
         section = getattr(cfg.method, self.name, None)
         if not isinstance(section, MethodSection):
             raise TypeError(f"method {self.name!r}: cfg.method.{self.name} must be a config section with "
@@ -136,6 +146,21 @@ class Method:
     def after_step(self, model: FlowModel, step: int) -> None:
         """Updates the extra policies after RL step `step` (1-based)."""
 
+    def reference_terms(self, model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor,
+                        kl_weight: float | torch.Tensor | None = None) -> "ReferenceTerms":
+        """`reference_terms` with this method's NormGuard settings (and adaptive guard, if any)."""
+        return reference_terms(model, v, v_ref, self.ng, kl_weight, guard=self.guard, stat_weight=self.row_weight)
+
+    def normguard_lambda(self) -> float:
+        """The NormGuard multiplier in use for this RL step's loss (the fixed ng_lambda when not adaptive)."""
+        return self.ng.ng_lambda if self.guard is None else float(self.guard.lambda_)
+
+    def update_normguard(self) -> None:
+        """The adaptive multiplier's dual step on the RL step's accumulated ratios (ngkernels.NormGuard.update;
+        all-reduced across processes). Call once per RL step on every process; a no-op when not adaptive."""
+        if self.guard is not None:
+            self.guard.update()
+
 
 class ReferenceTerms(NamedTuple):
     """The per-row terms that tie the trained policy to the reference, from one fused ngkernels call.
@@ -153,11 +178,25 @@ class ReferenceTerms(NamedTuple):
     ref_norm: torch.Tensor
 
 
+def build_guard(ng: NormGuardConfig) -> Optional[ngkernels.NormGuard]:
+    """The adaptive NormGuard of a config (None when normguard.adaptive is false): lambda starts at ng_lambda.
+    The trainer passes [B, T, D] tokens (model.to_tokens) when per_token, so the channel dim is the last."""
+    if not ng.adaptive:
+        return None
+    return ngkernels.NormGuard(ng.ng_lambda, margin=ng.margin, relative=ng.relative, squared=ng.squared,
+                               per_token=ng.per_token, channel_dim=-1, reduction="none", adaptive=True,
+                               lambda_lr=ng.lambda_lr, lambda_max=ng.lambda_max, constraint=ng.constraint,
+                               return_stats=True)
+
+
 def reference_terms(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: NormGuardConfig,
-                    kl_weight: float | torch.Tensor | None = None) -> ReferenceTerms:
+                    kl_weight: float | torch.Tensor | None = None, guard: Optional[ngkernels.NormGuard] = None,
+                    stat_weight: Optional[torch.Tensor] = None) -> ReferenceTerms:
     """Per-row  kl_weight * mse(v, v_ref) + ng_lambda * hinge(||v||, ||v_ref||), its two parts and the norms.
 
     kl_weight: a number, one weight per row [B], or None (no KL term).
+    guard: the adaptive NormGuard (build_guard; None: the fixed ng_lambda of `ng`). stat_weight: the weight of
+    each row, or of each item-row (then repeated over the slots of DPO's pairs), in the guard's statistics.
 
     One fused `fm_normguard_loss(v, v_ref, v_ref, reduction="none", return_stats=True)` call reads v once for
     both terms (target = v_ref: the KL to the reference is the flow-matching MSE towards v_ref). Its stats give
@@ -168,6 +207,8 @@ def reference_terms(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: 
     sqrt(sum of squared token norms).
     """
     B = v.shape[0]
+    if guard is not None:
+        return _adaptive_terms(model, v, v_ref, ng, kl_weight, guard, stat_weight)
     target = None if kl_weight is None else v_ref
     if isinstance(kl_weight, torch.Tensor):  # one weight per row [B]
         weight = kl_weight.to(v.device)
@@ -192,6 +233,28 @@ def reference_terms(model: FlowModel, v: torch.Tensor, v_ref: torch.Tensor, ng: 
     kl = None if mse is None else kl_weight * mse
     normguard = loss.detach() if kl is None else loss.detach() - kl
     return ReferenceTerms(loss, kl, normguard, v_norm, ref_norm)
+
+
+def _adaptive_terms(model, v, v_ref, ng, kl_weight, guard, stat_weight) -> ReferenceTerms:
+    """reference_terms with the adaptive guard: the hinge times the guard's current lambda (its forward also
+    accumulates the rows' ratios for the step's dual update) plus the KL as its own flow_matching_loss pass (the
+    kernels take lambda as a launch constant, so an adaptive lambda cannot be fused; one more read of v)."""
+    B = v.shape[0]
+    if guard.lambda_.device != v.device:
+        guard.to(v.device)
+    if stat_weight is not None and stat_weight.numel() != B:
+        if B % stat_weight.numel():
+            raise ValueError(f"stat_weight has {stat_weight.numel()} entries for {B} rows")
+        stat_weight = stat_weight.repeat_interleave(B // stat_weight.numel())
+    x, x_ref = (model.to_tokens(v), model.to_tokens(v_ref)) if ng.per_token else (v, v_ref)
+    hinge, stats = guard(x, x_ref, stat_weight=None if stat_weight is None else stat_weight.to(v.device))
+    loss, kl = hinge, None
+    if kl_weight is not None:
+        weight = kl_weight.to(v.device) if isinstance(kl_weight, torch.Tensor) else \
+            torch.full((B,), float(kl_weight), device=v.device)
+        kl_rows = ngkernels.flow_matching_loss(v, v_ref, weight=weight, reduction="none")
+        loss, kl = hinge + kl_rows, kl_rows.detach()
+    return ReferenceTerms(loss, kl, hinge.detach(), stats.v_norm, stats.ref_norm)
 
 
 def clipped_advantages(advantages: torch.Tensor, clip: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ngkernels
-from training.methods.base import Item, LossOutput, Method, TrainBatch, reference_terms
+from training.methods.base import Item, LossOutput, Method, TrainBatch
 
 REF = "ref"
 
@@ -61,7 +61,7 @@ class FlowDPO(Method):
                 v_dpo_ref = v_ref
             ref_err = ngkernels.flow_matching_loss(v_dpo_ref, u, reduction="none")
         err = ngkernels.flow_matching_loss(v, u, reduction="none")
-        ref = reference_terms(model, v, v_ref, self.ng)
+        ref = self.reference_terms(model, v, v_ref)
         diff = (err - ref_err).view(-1, 2)
         inside = -0.5 * self.method_cfg.beta * (diff[:, 0] - diff[:, 1])
         dpo = -F.logsigmoid(inside)

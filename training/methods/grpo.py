@@ -61,7 +61,7 @@ from typing import Callable, Optional
 
 import torch
 
-from training.methods.base import Item, LossOutput, Method, reference_terms
+from training.methods.base import Item, LossOutput, Method
 from training.sampling import sigma_schedule
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -293,7 +293,7 @@ class GRPO(Method):
         policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - c.clip_range, 1 + c.clip_range))
         out_dtype = torch.promote_types(v.dtype, torch.float32)
         weight = self.kl_weight(std, v_coef).to(out_dtype)
-        ref = reference_terms(model, v, v_ref, self.ng, kl_weight=weight)
+        ref = self.reference_terms(model, v, v_ref, kl_weight=weight)
         policy = policy.to(out_dtype)
         dev = (ratio - 1).abs().detach()
         terms = {"policy": policy.detach(), "kl": ref.kl.to(out_dtype), "normguard": ref.normguard.to(out_dtype),

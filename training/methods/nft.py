@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import ngkernels
-from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages, reference_terms
+from training.methods.base import LossOutput, Method, TrainBatch, clipped_advantages
 
 OLD = "old"
 
@@ -50,7 +50,7 @@ class NFT(Method):
         else:
             policy = (self._x0_loss(x_t, v_pos, batch, r) + self._x0_loss(x_t, v_neg, batch, 1 - r)) \
                 * (c.adv_clip_max / c.beta)
-        ref = reference_terms(model, v, v_ref, self.ng, kl_weight=c.kl_beta)
+        ref = self.reference_terms(model, v, v_ref, kl_weight=c.kl_beta)
         terms = {"policy": policy.detach(), "kl": ref.kl, "normguard": ref.normguard}
         return LossOutput(policy + ref.loss, terms, ref.v_norm, ref.ref_norm)
 
