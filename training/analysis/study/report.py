@@ -89,28 +89,43 @@ def adjoint_renorm_prediction(ev: dict, phi: float) -> float:
 
 
 def _markdown(rows, evals, matches, train_info, meta) -> str:
+    """study.md: the header, then one section per table."""
+    out = _header(meta)
+    out += _paired_section(rows, matches, meta)
+    out += _quality_section(rows, meta)
+    out += _few_step_section(rows)
+    out += _renorm_section(rows, evals, meta)
+    out += _adjoint_section(rows, evals)
+    out += _timing_section(train_info, evals)
+    return "\n".join(out)
+
+
+def _header(meta) -> list[str]:
     K, n = meta["num_steps"], meta["num_eval_images"]
     train_wall = meta["train_seconds"] / 60
-    out = ["# NormGuard study on the embedded toy", "",
-           f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-           f"- device: CPU, {meta['cpu_count']} cores, {meta['workers']} worker processes; wall time "
-           f"{meta['seconds'] / 60:.1f} min (caches {meta['prep_seconds']:.0f} s, training grid {train_wall:.1f} min, "
-           f"evaluations the rest)",
-           f"- grid: {{nft, awm, dpo}} x NormGuard {{off (lambda=0), on ({meta['ng']})}} x seeds "
-           f"{meta['seeds']}, {meta['train_steps']} RL steps each; config training/configs/toy.yaml"
-           + (f" with {' '.join(meta['overrides'])}" if meta["overrides"] else ""),
-           f"- evaluation: {n} images (fixed noise shared by all checkpoints, ODE, {K} steps unless stated); "
-           f"reward = the training reward; norm inflation = mean over images and steps of ||v_theta||/||v_ref|| - 1 "
-           f"along the policy's own trajectory; FD = Frechet distance to the toy's data in a toy-trained CNN's "
-           f"features (reward-free, lower is better; two independent data sets of {n} images score "
-           f"{meta['fd_floor']:.2f}); attr acc = fraction of images whose colour, shape and side the CNN reads as "
-           f"the caption says.", ""]
-    out += ["## NormGuard on minus off (paired by seed)", "",
-            f"At the end of training, and at matched reward: NG-on's final checkpoint against NG-off's first "
-            f"checkpoint whose evaluation reward (the trainer's, trailing mean over {meta['match_window']} steps) "
-            f"reaches NG-on's final value (early stopping). d = NG-on minus NG-off.", "",
-            "| method | seed | d reward | d inflation (pp) | d FD | d attr acc | NG-off matched step | d reward | "
-            "d inflation (pp) | d FD | d attr acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return ["# NormGuard study on the embedded toy", "",
+            f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+            f"- device: CPU, {meta['cpu_count']} cores, {meta['workers']} worker processes; wall time "
+            f"{meta['seconds'] / 60:.1f} min (caches {meta['prep_seconds']:.0f} s, training grid {train_wall:.1f} min, "
+            f"evaluations the rest)",
+            f"- grid: {{nft, awm, dpo}} x NormGuard {{off (lambda=0), on ({meta['ng']})}} x seeds "
+            f"{meta['seeds']}, {meta['train_steps']} RL steps each; config training/configs/toy.yaml"
+            + (f" with {' '.join(meta['overrides'])}" if meta["overrides"] else ""),
+            f"- evaluation: {n} images (fixed noise shared by all checkpoints, ODE, {K} steps unless stated); "
+            f"reward = the training reward; norm inflation = mean over images and steps of ||v_theta||/||v_ref|| - 1 "
+            f"along the policy's own trajectory; FD = Frechet distance to the toy's data in a toy-trained CNN's "
+            f"features (reward-free, lower is better; two independent data sets of {n} images score "
+            f"{meta['fd_floor']:.2f}); attr acc = fraction of images whose colour, shape and side the CNN reads as "
+            f"the caption says.", ""]
+
+
+def _paired_section(rows, matches, meta) -> list[str]:
+    out = ["## NormGuard on minus off (paired by seed)", "",
+           f"At the end of training, and at matched reward: NG-on's final checkpoint against NG-off's first "
+           f"checkpoint whose evaluation reward (the trainer's, trailing mean over {meta['match_window']} steps) "
+           f"reaches NG-on's final value (early stopping). d = NG-on minus NG-off.", "",
+           "| method | seed | d reward | d inflation (pp) | d FD | d attr acc | NG-off matched step | d reward | "
+           "d inflation (pp) | d FD | d attr acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in _paired_rows(rows, matches, meta):
         out.append(f"| {r['method']} | {r['seed']} | {_f(r['final_d_reward'], '{:+.4f}')} | "
                    f"{_f(r['final_d_inflation_pp'], '{:+.2f}')} | {_f(r['final_d_fd'], '{:+.2f}')} | "
@@ -118,37 +133,51 @@ def _markdown(rows, evals, matches, train_info, meta) -> str:
                    f"{r['matched_step']}{'' if r['reached'] else ' (not reached)'} | "
                    f"{_f(r['matched_d_reward'], '{:+.4f}')} | {_f(r['matched_d_inflation_pp'], '{:+.2f}')} | "
                    f"{_f(r['matched_d_fd'], '{:+.2f}')} | {_f(r['matched_d_attribute_acc'], '{:+.3f}')} |")
-    out += ["", "## Reward, norm inflation, quality", "",
-            "| run | step | eval reward (± s.e.) | norm inflation % (sampling) | logged train ratio | FD to data | "
-            "attr acc |", "|---|---|---|---|---|---|---|"]
+    return out
+
+
+def _quality_section(rows, meta) -> list[str]:
+    K, n = meta["num_steps"], meta["num_eval_images"]
+    out = ["", "## Reward, norm inflation, quality", "",
+           "| run | step | eval reward (± s.e.) | norm inflation % (sampling) | logged train ratio | FD to data | "
+           "attr acc |", "|---|---|---|---|---|---|---|"]
     for key in run_keys(rows):
         r = _find(rows, key, num_steps=K)
         se = r["reward_std"] / math.sqrt(n)
         out.append(f"| {label(*key)} | {r['step']} | {r['reward_mean']:.4f} ± {se:.4f} | "
                    f"{r['norm_inflation_pct']:+.2f} | {_f(r.get('train_norm_ratio_logged'))} | {r['fd']:.2f} | "
                    f"{r['attribute_acc']:.3f} |")
+    return out
+
+
+def _few_step_section(rows) -> list[str]:
     steps = sorted({r["num_steps"] for r in rows if r["sampling"] == "plain"})
-    out += ["", "## Few-step sampling (plain)", "",
-            "| run | " + " | ".join(f"reward @{s}" for s in steps) + " | " +
-            " | ".join(f"inflation % @{s}" for s in steps) + " | " + " | ".join(f"FD @{s}" for s in steps) + " |",
-            "|---|" + "---|" * (3 * len(steps))]
+    out = ["", "## Few-step sampling (plain)", "",
+           "| run | " + " | ".join(f"reward @{s}" for s in steps) + " | " +
+           " | ".join(f"inflation % @{s}" for s in steps) + " | " + " | ".join(f"FD @{s}" for s in steps) + " |",
+           "|---|" + "---|" * (3 * len(steps))]
     for key in run_keys(rows):
         cells = [_find(rows, key, num_steps=s) for s in steps]
         out.append(f"| {label(*key)} | " + " | ".join(_f(c and c["reward_mean"]) for c in cells) + " | " +
                    " | ".join(_f(c and c["norm_inflation_pct"], "{:+.2f}") for c in cells) + " | " +
                    " | ".join(_f(c and c["fd"], "{:.2f}") for c in cells) + " |")
+    return out
+
+
+def _renorm_section(rows, evals, meta) -> list[str]:
+    K = meta["num_steps"]
     phis = sorted({r["phi"] for r in rows if r["sampling"] == "renorm"})
     phi_max = max(phis) if phis else None
     predict = phi_max is not None and bool(evals[REFERENCE]["adjoint"])
-    out += ["", f"## Inference-time renormalisation baseline ({K} steps)", "",
-            "v <- phi v ||v_ref||/||v|| + (1 - phi) v at every step (one extra reference forward per step)." +
-            (f" Last column: the reward change at phi={phi_max:g} that the adjoint predicts to first order, "
-             f"sum_k mean(dR/d alpha_k) * phi (1/ratio_k - 1) with the plain trajectory's mean ratio per step (an "
-             f"independent cross-check of the two instruments)." if predict else ""), "",
-            "| run | reward plain | " + " | ".join(f"reward phi={p:g}" for p in phis) + " | FD plain | " +
-            " | ".join(f"FD phi={p:g}" for p in phis) +
-            (f" | d reward phi={phi_max:g}: measured | adjoint prediction |" if predict else " |"),
-            "|---|" + "---|" * (2 + 2 * len(phis) + (2 if predict else 0))]
+    out = ["", f"## Inference-time renormalisation baseline ({K} steps)", "",
+           "v <- phi v ||v_ref||/||v|| + (1 - phi) v at every step (one extra reference forward per step)." +
+           (f" Last column: the reward change at phi={phi_max:g} that the adjoint predicts to first order, "
+            f"sum_k mean(dR/d alpha_k) * phi (1/ratio_k - 1) with the plain trajectory's mean ratio per step (an "
+            f"independent cross-check of the two instruments)." if predict else ""), "",
+           "| run | reward plain | " + " | ".join(f"reward phi={p:g}" for p in phis) + " | FD plain | " +
+           " | ".join(f"FD phi={p:g}" for p in phis) +
+           (f" | d reward phi={phi_max:g}: measured | adjoint prediction |" if predict else " |"),
+           "|---|" + "---|" * (2 + 2 * len(phis) + (2 if predict else 0))]
     for key in run_keys(rows):
         plain = _find(rows, key, num_steps=K)
         ren = [_find(rows, key, sampling="renorm", phi=p) for p in phis]
@@ -159,26 +188,34 @@ def _markdown(rows, evals, matches, train_info, meta) -> str:
             measured = ren[-1]["reward_mean"] - plain["reward_mean"]
             line += f" {measured:+.4f} | {adjoint_renorm_prediction(evals[key], phi_max):+.4f} |"
         out.append(line)
+    return out
+
+
+def _adjoint_section(rows, evals) -> list[str]:
     reference_adjoint = evals[REFERENCE]["adjoint"]
-    if reference_adjoint:
-        out += ["", "## Adjoint sensitivity: dR/d alpha_k, velocity at step k scaled by (1 + alpha_k)", "",
-                "Per step k (sigma = the step's noise level): batch mean / std of the per-image derivatives "
-                "(|.| >> 1: the batch agrees on the direction; ~0: no coherent first-order signal) and, in "
-                "brackets, the fraction of positive derivatives; 'all' scales every step at once (sum over k).", "",
-                "| run | " + " | ".join(f"k={a['step']} (sigma {a['sigma']:.2f})" for a in reference_adjoint) +
-                " | all: mean/std | all: frac > 0 |", "|---|" + "---|" * (len(reference_adjoint) + 2)]
-        for key in run_keys(rows):
-            ev = evals[key]
-            cells = [f"{a['mean_over_std']:+.2f} ({a['frac_positive']:.2f})" for a in ev["adjoint"]]
-            t = ev["adjoint_total"]
-            out.append(f"| {label(*key)} | " + " | ".join(cells) +
-                       f" | {t['total_mean_over_std']:+.2f} | {t['total_frac_positive']:.2f} |")
-    out += ["", "## Timing (seconds per job, inside its worker process)", "", "| job | seconds |", "|---|---|"]
+    if not reference_adjoint:
+        return []
+    out = ["", "## Adjoint sensitivity: dR/d alpha_k, velocity at step k scaled by (1 + alpha_k)", "",
+           "Per step k (sigma = the step's noise level): batch mean / std of the per-image derivatives "
+           "(|.| >> 1: the batch agrees on the direction; ~0: no coherent first-order signal) and, in "
+           "brackets, the fraction of positive derivatives; 'all' scales every step at once (sum over k).", "",
+           "| run | " + " | ".join(f"k={a['step']} (sigma {a['sigma']:.2f})" for a in reference_adjoint) +
+           " | all: mean/std | all: frac > 0 |", "|---|" + "---|" * (len(reference_adjoint) + 2)]
+    for key in run_keys(rows):
+        ev = evals[key]
+        cells = [f"{a['mean_over_std']:+.2f} ({a['frac_positive']:.2f})" for a in ev["adjoint"]]
+        t = ev["adjoint_total"]
+        out.append(f"| {label(*key)} | " + " | ".join(cells) +
+                   f" | {t['total_mean_over_std']:+.2f} | {t['total_frac_positive']:.2f} |")
+    return out
+
+
+def _timing_section(train_info, evals) -> list[str]:
+    out = ["", "## Timing (seconds per job, inside its worker process)", "", "| job | seconds |", "|---|---|"]
     for (method, ng, seed), info in train_info.items():
         out.append(f"| train {method} NG-{ng} s{seed} | {info['seconds']:.1f} |")
     for key, ev in evals.items():
         out.append(f"| evaluate {label(*key)} | {ev['seconds']:.1f} |")
-    out += ["", "Plots: norm_ratio_by_timestep.png, norm_ratio_over_training.png, reward_curves.png, few_step.png, "
-            "adjoint_coherence.png. Data: study.csv, norm_ratio_by_timestep.csv, adjoint_coherence.csv, "
-            "training_curves.csv, early_stopping_match.csv.", ""]
-    return "\n".join(out)
+    return out + ["", "Plots: norm_ratio_by_timestep.png, norm_ratio_over_training.png, reward_curves.png, "
+                  "few_step.png, adjoint_coherence.png. Data: study.csv, norm_ratio_by_timestep.csv, "
+                  "adjoint_coherence.csv, training_curves.csv, early_stopping_match.csv.", ""]
