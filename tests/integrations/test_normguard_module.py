@@ -264,10 +264,11 @@ def test_compile_fullgraph_matches_eager_and_updates_buffers():
         lc.backward()
         torch.testing.assert_close(lc, le)
         torch.testing.assert_close(v2.grad, v.grad)
-        torch.testing.assert_close(compiled._acc, eager._acc)
+        # the statistics come from float32 norms, which compiled and eager code may round differently
+        torch.testing.assert_close(compiled._acc, eager._acc, rtol=1e-5, atol=1e-6)
         eager.update()
         compiled.update()
-        torch.testing.assert_close(compiled.lambda_, eager.lambda_)
+        torch.testing.assert_close(compiled.lambda_, eager.lambda_, rtol=1e-5, atol=1e-6)
     assert compiled.num_updates.item() == 3 and compiled.lambda_.item() != 0.1
 
 

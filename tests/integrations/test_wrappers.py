@@ -115,7 +115,7 @@ def test_compiled_loss_function_matches_eager(backend):
     torch.testing.assert_close(lc, le)
     torch.testing.assert_close(rc, re_)
     torch.testing.assert_close(v_c.grad, v_e.grad)
-    torch.testing.assert_close(guard_c._acc, guard_e._acc)
+    torch.testing.assert_close(guard_c._acc, guard_e._acc, rtol=1e-5, atol=1e-6)  # from float32 norms
 
 
 def test_ddp_two_processes_share_one_lambda(tmp_path):
