@@ -49,7 +49,7 @@ def build_step(ng_lambda: float, work_dir: str, device: torch.device, seed: int 
 
     cfg = load_config(TOY_CONFIG, [f"normguard.ng_lambda={ng_lambda}", "model.toy.pretrain_steps=1",
                                    f"model.toy.cache_dir={work_dir}/cache", f"log.output_dir={work_dir}",
-                                   f"log.run_name=ng_lambda_{ng_lambda}", "log.tensorboard=false",
+                                   f"log.run_name=ng_lambda_{ng_lambda}", "log.trackers=[csv]",
                                    "log.progress=false"])
     trainer = Trainer(cfg)
     if trainer.accelerator.device.type != device.type:
