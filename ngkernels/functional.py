@@ -1,9 +1,10 @@
 """Public functional API: argument checks, backend choice, and the options object.
 
-Each public op checks its arguments, picks the backend, flattens its tensors to [B, N] rows, collects its
-settings in one `LossOptions` and calls `library.fused_loss`, the differentiable fused op (eager
+Each public op checks its arguments, picks the backend, collects its settings in one `LossOptions`, flattens
+its tensors to [B, N] rows and calls `library.fused_loss`, the differentiable fused op (eager
 autograd.Function, or the torch.library custom op under torch.compile, so `torch.compile(fn, fullgraph=True)`
-sees no graph break). Where the settings go from there: `ngkernels/fused.py`.
+sees no graph break). Where the settings go from there: `ngkernels/fused.py`. On large CPU tensors everything
+after the checks runs under torch.compile (`ngkernels/compiled_cpu.py` says when and why).
 
 Backends: CUDA tensors run the Triton kernels (`ngkernels/ops/fm_normguard.py`), CPU tensors the torch backend
 (`ngkernels/ops/torch_backend.py`, the math of `ngkernels/reference.py`). NGKERNELS_BACKEND=torch|triton|auto
@@ -17,6 +18,7 @@ import os
 
 import torch
 
+from ngkernels import compiled_cpu
 from ngkernels.library import fused_loss
 from ngkernels.ops import fm_normguard as _ops
 from ngkernels.options import REDUCTIONS
@@ -83,16 +85,29 @@ def _check(v, target, v_ref, weight, reduction, margin):
 
 def _fused(v, target, v_ref, weight, opts: LossOptions):
     _check(v, target, v_ref, weight, opts.reduction, opts.margin)
+    backend = resolve_backend(v.device)
+    opts = LossOptions(float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared),
+                       opts.reduction)
+    keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
+    if backend == "torch" and compiled_cpu.enabled(v):  # large CPU tensors: this function, compiled
+        const = compiled_cpu.constant_input
+        out = compiled_cpu.run(_rows_and_loss, v, const(target), const(v_ref), const(weight),
+                               compiled_cpu.with_tensor_scalars(opts), backend, keep)
+        if out is not None:
+            return out
+    return _rows_and_loss(v, target, v_ref, weight, opts, backend, keep)
+
+
+def _rows_and_loss(v, target, v_ref, weight, opts: LossOptions, backend: str, keep: bool):
+    """The checked call on [B, N] rows -> (loss, LossStats)."""
     B = v.shape[0]
     v2d = _rows("v", v, B)
     t2d = None if target is None else _rows("target", target.detach(), B)
     r2d = None if v_ref is None else _rows("v_ref", v_ref.detach(), B)
     w = None if weight is None else weight.detach().contiguous()
-    opts = LossOptions(float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared),
-                       opts.reduction)
-    keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
-    loss, stats = fused_loss(v2d, t2d, r2d, w, opts, resolve_backend(v.device), keep)
-    return loss, LossStats(stats[0], None if v_ref is None else stats[1], None if target is None else stats[2])
+    loss, stats = fused_loss(v2d, t2d, r2d, w, opts, backend, keep)
+    v_norm, ref_norm, mse = stats.unbind(0)
+    return loss, LossStats(v_norm, None if v_ref is None else ref_norm, None if target is None else mse)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,12 +3,15 @@
 - `FusedLossFunction`, an eager torch.autograd.Function: forward saves (v, target, coef), backward calls
   `fused_backward`;
 - the torch.library custom ops `ngkernels::fused_loss_fwd` / `ngkernels::fused_loss_bwd` with their autograd
-  registration, what torch.compile sees: opaque ops, so `torch.compile(fullgraph=True)` keeps them whole. Opaque
+  registration, what torch.compile sees of the Triton backend: opaque ops, so `torch.compile(fullgraph=True)`
+  keeps them whole. Opaque
   custom ops (not triton_op) because Inductor would trace a triton_op's body and ask for a GPU driver on
   CPU-only machines, and wrap_triton rejects interpreted kernels. A custom op's schema cannot take a NamedTuple:
   `LossOptions` is unpacked into its fields here, and only here.
 
-`fused_loss` picks the adapter: the custom op while torch.compile traces, the autograd.Function otherwise.
+`fused_loss` picks the adapter: the custom op while torch.compile traces a Triton call; otherwise the
+autograd.Function, which torch.compile traces inline for the torch backend (its math is plain torch, so Inductor
+fuses it into the caller's graph: this is also how large CPU calls run compiled, see `ngkernels/compiled_cpu.py`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from ngkernels.options import reduction_code
 
 def fused_loss(v2d, t2d, r2d, weight, opts: LossOptions, backend: str, keep: bool):
     """-> (loss, stats [3, B]), differentiable in v2d (the only input that gets a gradient)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and backend == "triton":
         loss, stats, _coef = _fwd(v2d, t2d, r2d, weight, *_fields(opts), backend, keep)
         return loss, stats
+    # eager, or traced by torch.compile for the torch backend (plain torch math: Inductor fuses it into the caller)
     return FusedLossFunction.apply(v2d, t2d, r2d, weight, opts, backend, keep)
 
 

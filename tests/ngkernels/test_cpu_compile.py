@@ -1,9 +1,9 @@
-"""The torch backend's compiled CPU path (ngkernels/ops/torch_backend.py): taken from COMPILE_MIN_NUMEL elements,
-right against the float64 oracle on odd sizes, misaligned and strided views and every dtype, no recompile when B
-and N vary, and the plain path when compiling fails (one warning).
+"""The compiled CPU path (ngkernels/compiled_cpu.py): taken from COMPILE_MIN_NUMEL elements, right against the
+float64 oracle on odd sizes, misaligned and strided views and every dtype, no recompile when B and N vary, and
+the eager path when compiling fails (one warning).
 
-The threshold is lowered so that small inputs take the compiled path; every test uses the same options, so the
-compiled variants are shared and the file compiles about a dozen graphs in all."""
+The threshold is lowered so that small inputs take the compiled path; the tests share their options and layouts
+where they can, so that they share compiled variants (each costs seconds)."""
 
 import os
 import shutil
@@ -18,7 +18,8 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ngkernels
-from ngkernels.ops import torch_backend
+from ngkernels import compiled_cpu
+from ngkernels import functional
 from tests.ngkernels.helpers import check_against_oracle
 from tests.ngkernels.helpers import make_inputs
 from tests.ngkernels.helpers import oracle
@@ -33,21 +34,29 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """Lowers the threshold to 64 elements and records each compiled half that ran: [(name, succeeded)]."""
+    """Lowers the threshold to 64 elements and records each compiled call: [succeeded, ...]."""
     monkeypatch.setenv("NGKERNELS_BACKEND", "torch")
     monkeypatch.delenv("NGKERNELS_CPU_COMPILE", raising=False)
-    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 64)
-    monkeypatch.setattr(torch_backend, "_FAILED", [])
+    monkeypatch.setattr(compiled_cpu, "COMPILE_MIN_NUMEL", 64)
+    monkeypatch.setattr(compiled_cpu, "_FAILED", [])
+    # this file compiles more variants than a call site would: keep them all, and fail rather than run eagerly
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     calls = []
-    run = torch_backend._run_compiled
+    run = compiled_cpu.run
 
-    def spy(name, *args):
-        out = run(name, *args)
-        calls.append((name, out is not None))
+    def spy(fn, *args):
+        out = run(fn, *args)
+        calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(torch_backend, "_run_compiled", spy)
+    monkeypatch.setattr(compiled_cpu, "run", spy)
     return calls
+
+
+def variants():
+    """Compiled variants of the op so far (Dynamo's cache entries for the compiled function)."""
+    return len(_debug_get_cache_entry_list(functional._rows_and_loss.__code__))
 
 
 def layout(kind, shape, dtype, seed=0):
@@ -84,49 +93,44 @@ def test_compiled_path_matches_reference(compiled_calls, dtype, kind):
         torch.testing.assert_close(v.grad, v64.grad, rtol=1e-12, atol=1e-14)
     else:
         check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, dt)
-    assert compiled_calls == [("forward", True), ("backward", True)]
+    assert compiled_calls == [True]
 
 
 @pytest.mark.parametrize("op", ["normguard", "flow_matching"])
 def test_compiled_path_other_ops(compiled_calls, op):
     v, target, v_ref, weight = make_inputs((4, 2, 33), torch.float32, "cpu", seed=2)
     check_against_oracle(op, v, target, v_ref, weight, OPTS, torch.float32)
-    assert compiled_calls == [("forward", True), ("backward", True)]
+    assert compiled_calls == [True]
 
 
 def test_velocity_norms_compiled(compiled_calls):
     v = make_inputs((6, 50), torch.bfloat16, "cpu")[0]
     torch.testing.assert_close(ngkernels.velocity_norms(v).double(), v.double().norm(dim=1), rtol=2e-6, atol=0)
-    assert compiled_calls == [("forward", True)]
+    assert compiled_calls == [True]
 
 
 def test_no_recompile_when_shapes_vary(compiled_calls):
-    """One forward and one backward graph serve every B >= 2 and N > 4096 (and any ng_lambda, margin, view);
-    B == 1 and N <= 4096 add at most one variant each: the bound stated in torch_backend's docstring."""
+    """One graph serves every B >= 2 and N > 4096 of a call site (any ng_lambda and margin); B == 1 and N <= 4096
+    add at most one variant each: the bound stated in compiled_cpu's docstring."""
     torch._dynamo.reset()
 
-    def variants():
-        return (len(_debug_get_cache_entry_list(torch_backend._forward_math.__code__)),
-                len(_debug_get_cache_entry_list(torch_backend._backward_math.__code__)))
-
-    def step(shape, kind="odd", ng_lambda=0.7):
-        v, target, v_ref, weight = layout(kind, shape, torch.float32, seed=len(shape))
+    def step(shape, ng_lambda=0.7):
+        v, target, v_ref, weight = make_inputs(shape, torch.float32, "cpu", seed=shape[0])
         opts = dict(OPTS, ng_lambda=ng_lambda, margin=0.05 * shape[0])
         check_against_oracle("fm_normguard", v, target, v_ref, weight, opts, torch.float32)
 
-    general = [((4, 5000), "odd", 0.7), ((2, 7777), "odd", 0.1), ((17, 3, 4099), "odd", 2.0),
-               ((3, 2, 2500), "strided", 0.7), ((6, 4097), "offset1", 0.3)]
-    for shape, kind, lam in general:
-        step(shape, kind, lam)
-    assert variants() == (1, 1)
-    for shape in [(6, 100), (1, 6000), (1, 300), (9, 7, 11)]:
+    general = [((4, 3, 5000), 0.7), ((2, 3, 7777), 0.1), ((17, 3, 4099), 2.0), ((3, 2, 2500), 0.3)]
+    for shape, lam in general:
+        step(shape, lam)
+    assert variants() == 1
+    for shape in [(6, 3, 100), (1, 3, 6000), (1, 2, 300), (9, 7, 11)]:
         step(shape)
-    fwd, bwd = variants()
-    assert fwd <= 4 and bwd <= 2
-    for shape, kind, lam in general + [((33, 64), "odd", 0.5), ((1, 5001), "strided", 0.5)]:
-        step(shape, kind, lam)
-    assert variants() == (fwd, bwd)
-    assert all(ok for _, ok in compiled_calls)
+    bound = variants()
+    assert bound <= 4
+    for shape, lam in general + [((33, 4, 64), 0.5), ((1, 5, 5001), 0.5)]:
+        step(shape, lam)
+    assert variants() == bound
+    assert all(compiled_calls) and len(compiled_calls) == 14
 
 
 def test_plain_path_below_threshold_off_and_under_a_dispatch_mode(compiled_calls, monkeypatch):
@@ -134,26 +138,25 @@ def test_plain_path_below_threshold_off_and_under_a_dispatch_mode(compiled_calls
     check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32)
     assert compiled_calls == []
     big = torch.zeros(4, 64)
-    assert torch_backend.compiled_path_enabled(big)
+    assert compiled_cpu.enabled(big)
 
     class PassThrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with PassThrough():
-        assert not torch_backend.compiled_path_enabled(big)
+        assert not compiled_cpu.enabled(big)
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "0")
-    assert not torch_backend.compiled_path_enabled(big)
+    assert not compiled_cpu.enabled(big)
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "1")
-    assert torch_backend.compiled_path_enabled(torch.zeros(2, 3))
+    assert compiled_cpu.enabled(torch.zeros(2, 3))
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "yes")
     with pytest.raises(ValueError, match="NGKERNELS_CPU_COMPILE"):
         ngkernels.velocity_norms(big)
 
 
 def test_inside_torch_compile(compiled_calls):
-    """Under torch.compile the op is the opaque custom op; its body, run by the compiled graph, takes the compiled
-    path like an eager call."""
+    """Under the caller's torch.compile the torch backend is traced into the caller's graph (no nested compile)."""
     torch._dynamo.reset()
     v, target, v_ref, weight = make_inputs((5, 3, 37), torch.float32, "cpu")
 
@@ -166,22 +169,25 @@ def test_inside_torch_compile(compiled_calls):
         fn(x).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0])
-    assert compiled_calls == [("forward", True), ("backward", True)] * 2
+    assert compiled_calls == [True]  # the eager call only
 
 
 def test_fallback_when_compiling_fails(compiled_calls, monkeypatch):
-    def broken(name):
-        raise RuntimeError("InductorError: no working C++ compiler\nmore detail")
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler\nmore detail")
+        return run
 
-    monkeypatch.setattr(torch_backend, "_compiled", broken)
+    monkeypatch.setattr(compiled_cpu, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
     v, target, v_ref, weight = make_inputs((4, 40), torch.bfloat16, "cpu")
-    with pytest.warns(RuntimeWarning, match="compiled CPU path failed .*no working C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="torch.compile of the CPU path failed .*no working C\\+\\+ compiler"):
         check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.bfloat16)
-    assert compiled_calls == [("forward", False)]  # the backward saw the failure and did not try
+    assert compiled_calls == [False]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.bfloat16)
-    assert compiled_calls == [("forward", False)]
+    assert compiled_calls == [False]  # switched off: not tried again
 
 
 SCRIPT = textwrap.dedent("""
@@ -202,7 +208,7 @@ SCRIPT = textwrap.dedent("""
     plain = run()
     for a, b in zip(first + second, plain + plain):
         torch.testing.assert_close(a, b)
-    print("WARNINGS", sum("compiled CPU path failed" in str(w.message) for w in caught))
+    print("WARNINGS", sum("CPU path failed" in str(w.message) for w in caught))
 """)
 
 

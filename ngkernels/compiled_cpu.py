@@ -1,0 +1,100 @@
+"""When the torch backend's op runs under torch.compile on CPU, and what happens when compiling fails.
+
+Why. Run op by op, the torch backend (`ops/torch_backend.py`) makes several passes over [B, N] per half (bf16 ->
+fp32 upcasts, the difference, the square, the reduction, the gradient's multiply-adds), each a full read and
+write; torch.compile of the same math fuses each half into one C++ loop and is 2-9x faster on CPU. So on CPU
+tensors of at least COMPILE_MIN_NUMEL elements, everything a public op does after checking its arguments
+(`functional._rows_and_loss`: the [B, N] rows, the autograd.Function over the fused halves, the stats) runs
+under `torch.compile(dynamic=True, fullgraph=True)`: one graph for the forward and one for the backward, which
+autograd calls directly. A full pass thus pays torch.compile's call overhead once, as the compiled expression
+does (compiling the two halves apart cost two guarded calls plus the eager adapter: 1.5-2x the overhead).
+
+No recompile per shape. B and N are symbols (dynamic=True), so a new shape reuses the compiled code;
+ng_lambda and margin enter as 0-d tensors (`with_tensor_scalars`: a Python float would be baked into the graph,
+and a lambda schedule would recompile every step); target, v_ref and weight enter as contiguous non-views
+(`constant_input`), because Dynamo guards on strides and on a view's base. What still selects a compiled variant:
+  - what changes the code: the input dtype, which of target / v_ref / weight are given, relative, squared, the
+    reduction, whether v requires grad;
+  - v's rank and layout (contiguous, strided, a view of another tensor: Dynamo guards on the view's base), which
+    a call site keeps from step to step;
+  - B == 1 (Dynamo specialises sizes equal to 1);
+  - N <= 4096 or N > 4096 (Inductor sums float32 rows longer than 4096 in a cascade of 4096-element chunks,
+    for accuracy).
+So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 4 variants, in
+practice 1 (tests/ngkernels/test_cpu_compile.py checks the bound). All variants share one code object, of which
+Dynamo keeps `torch._dynamo.config.recompile_limit` (8 by default); past that the call runs eagerly, right but
+slower.
+
+When not. Under COMPILE_MIN_NUMEL (small tensors: tests, the toy demo) the compile, seconds once per process and
+variant (Inductor's on-disk FX-graph and C++ caches make later processes cheaper), would cost more than it saves.
+Not on other devices (CUDA has the Triton kernels), not under a TorchDispatchMode (FakeTensor, opcheck's schema
+checks), not while torch.compile traces the caller (it then traces the math itself, see `library.fused_loss`). A
+failed compile (e.g. no C++ compiler) warns once and the process keeps the eager path from then on.
+NGKERNELS_CPU_COMPILE=0 never compiles, =1 compiles whatever the size (to run the op tests against the compiled
+path), auto (the default) from COMPILE_MIN_NUMEL elements.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ngkernels.options import LossOptions
+
+COMPILE_MIN_NUMEL = 1 << 17  # elements of v from which the op runs compiled (S: 2**20; the toy demo: 12288)
+CHOICES = ("auto", "0", "1")  # NGKERNELS_CPU_COMPILE: from COMPILE_MIN_NUMEL elements / never / always
+
+_COMPILED: dict = {}  # function -> its torch.compile wrapper
+_FAILED: list = []  # the error that switched compiling off for this process (at most one)
+
+
+def enabled(v2d: torch.Tensor) -> bool:
+    """Whether this call runs compiled (the module docstring says why each condition)."""
+    if torch.compiler.is_compiling() or v2d.device.type != "cpu" or _FAILED:
+        return False
+    choice = os.environ.get("NGKERNELS_CPU_COMPILE", "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"NGKERNELS_CPU_COMPILE must be one of {CHOICES}, got {choice!r}")
+    big_enough = v2d.numel() >= COMPILE_MIN_NUMEL if choice == "auto" else choice == "1"
+    return big_enough and _get_current_dispatch_mode() is None
+
+
+@functools.lru_cache(maxsize=64)
+def _scalars(ng_lambda: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # two tensors even for equal values (Dynamo guards that distinct inputs do not alias); float64, so that they
+    # promote as the eager path's Python floats do (to the other operand's dtype)
+    return torch.tensor(ng_lambda, dtype=torch.float64), torch.tensor(margin, dtype=torch.float64)
+
+
+def with_tensor_scalars(opts: LossOptions) -> LossOptions:
+    """opts with ng_lambda and margin as 0-d tensors: inputs of the compiled graph, not constants baked into it."""
+    ng_lambda, margin = _scalars(float(opts.ng_lambda), float(opts.margin))
+    return opts._replace(ng_lambda=ng_lambda, margin=margin)
+
+
+def constant_input(x):
+    """A constant (no-grad) input as the compiled graph takes it: contiguous and not a view, so that neither its
+    row stride nor a view's base becomes a guard."""
+    if x is None:
+        return None
+    return x.detach() if x.is_contiguous() else x.contiguous()
+
+
+def run(fn, *args):
+    """torch.compile(fn, dynamic=True, fullgraph=True)(*args), or None once compiling has failed: the failure warns
+    once and switches compiling off for the process (it would fail again, seconds each time)."""
+    try:
+        compiled = _COMPILED.get(fn)
+        if compiled is None:
+            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+    except Exception as err:  # noqa: BLE001  (any failure to compile it: the eager path is always right)
+        _FAILED.append(err)
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        warnings.warn(f"ngkernels: torch.compile of the CPU path failed ({type(err).__name__}: {first_line}); "
+                      "running it eagerly for the rest of this process", RuntimeWarning, stacklevel=3)
+        return None
