@@ -2,8 +2,8 @@
 
 Layers, each importing only those before it: options -> reference -> ops (fm_normguard: Triton kernels;
 torch_backend) -> fused (the forward/backward pair) -> library (autograd.Function and torch.library ops)
--> functional (the public functions) -> modules -> this package. aot (the native generator) sits beside
-functional, over options and ops.
+-> functional (the public functions; with compiled_cpu, when large CPU calls run compiled) -> modules -> this
+package. aot (the native generator) sits beside functional, over options and ops.
 """
 
 from ngkernels.functional import flow_matching_loss
