@@ -20,6 +20,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -125,10 +126,16 @@ def spread(pool: list[str], n: int) -> list[int]:
     """n indices spread over the pool, alternating odd/even offsets: on the toy's 16 captions (colour x shape x
     side, side fastest) this gives every colour, both shapes and both sides."""
     n = min(n, len(pool))
-    out = []
+    if n == len(pool):
+        return list(range(n))
+    out: list[int] = []
     for i in range(n):
         k = (i * len(pool)) // n + (i % 2)
-        out.append(k if k < len(pool) and k not in out else (i * len(pool)) // n)
+        if k >= len(pool) or k in out:
+            k = (i * len(pool)) // n
+        while k in out:
+            k = (k + 1) % len(pool)
+        out.append(k)
     return out
 
 
@@ -223,26 +230,33 @@ class EvalGrid:
         return path
 
 
+def head(trace, max_prompts: int = 8) -> SimpleNamespace:
+    """The first sample of `max_prompts` distinct prompts of a trace, spread over them (`spread`): prompts,
+    images [N, 3, H, W] in [0, 1] on the CPU, ratio [N, K]. What a grid shows, without keeping every image."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(trace.prompts):
+        first.setdefault(p, i)
+    distinct = list(first)
+    order = [first[distinct[k]] for k in spread(distinct, max_prompts)]
+    return SimpleNamespace(prompts=[trace.prompts[i] for i in order], images=trace.images[order].float().cpu(),
+                           ratio=trace.ratio[order].float().cpu())
+
+
 def trace_grid(traces: list[tuple[str, object]], reward, path: str | Path, title: str = "",
                max_prompts: int = 8) -> Path:
     """A grid from already-sampled traces (training.analysis: plain, few-step, renormalised sampling), one row
     per (name, trace); a trace has .prompts, .images [N, 3, H, W] in [0, 1] and .ratio [N, K]. The first
     sample of each of the first `max_prompts` distinct prompts is shown."""
-    first = traces[0][1]
-    order, seen = [], set()
-    for i, p in enumerate(first.prompts):
-        if p not in seen:
-            seen.add(p)
-            order.append(i)
-    order = order[:max_prompts]
-    prompts = [first.prompts[i] for i in order]
-    rows = []
+    rows, prompts = [], None
     for name, trace in traces:
-        images = trace.images[order]
-        rewards = reward(images, prompts).float().cpu().tolist()
-        ratio = trace.ratio[order].float().mean(1).tolist()
-        rows.append((name, [Cell(img, r, q) for img, r, q in zip(to_uint8(images), rewards, ratio)]))
+        shown = head(trace, max_prompts)
+        if prompts is not None and shown.prompts != prompts:
+            raise ValueError(f"trace_grid: row {name!r} has other prompts than the first row")
+        prompts = shown.prompts
+        rewards = reward(shown.images, prompts).float().cpu().tolist()
+        ratio = shown.ratio.mean(1).tolist()
+        rows.append((name, [Cell(img, r, q) for img, r, q in zip(to_uint8(shown.images), rewards, ratio)]))
     return save_png(render_grid(rows, prompts, title), path)
 
 
-__all__ = ["Cell", "EvalGrid", "render_grid", "save_png", "spread", "to_uint8", "trace_grid", "traced_sample"]
+__all__ = ["Cell", "EvalGrid", "head", "render_grid", "save_png", "spread", "to_uint8", "trace_grid", "traced_sample"]

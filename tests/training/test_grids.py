@@ -58,6 +58,10 @@ def test_spread_covers_every_colour_shape_and_side_of_the_toy_captions():
     for word in ("red", "green", "blue", "yellow", "circle", "square", "left", "right"):
         assert any(word in c for c in chosen), (word, chosen)
     assert spread(["a", "b"], 8) == [0, 1]
+    for size in range(1, 20):
+        for n in range(1, size + 2):
+            chosen = spread([str(i) for i in range(size)], n)
+            assert len(chosen) == min(n, size) == len(set(chosen)) and all(0 <= k < size for k in chosen)
 
 
 class _LinearField(torch.nn.Module):
@@ -136,3 +140,36 @@ def test_grids_can_be_switched_off(toy_cfg):
     cfg = toy_cfg("train.steps=1", "eval.grid_prompts=0")
     summary = Trainer(cfg).run()
     assert summary.grids == [] and not (cfg.run_dir / "samples").exists()
+
+
+def test_analysis_grids_one_row_per_condition_same_prompts(tmp_path):
+    from types import SimpleNamespace
+
+    from training.analysis.evaluate import EvalSettings, write_analysis_grids
+    from training.grids import head
+
+    prompts = [p for p in ("a red circle on the left", "a blue square on the right", "a green circle on the left")
+               for _ in range(2)]
+
+    def trace(level):
+        images = torch.full((6, 3, 16, 16), level)
+        images[1::2] = 0.0  # second samples differ: the grid shows each prompt's first sample
+        return SimpleNamespace(prompts=prompts, images=images, ratio=torch.full((6, 4), 1.0 + level))
+
+    shown_one = head(trace(0.5), max_prompts=8)
+    assert shown_one.prompts == prompts[::2] and (shown_one.images == 0.5).all()
+    assert head(trace(0.5), max_prompts=2).prompts == [prompts[0], prompts[4]]  # spread, not the first two
+    settings = EvalSettings(prompts=prompts[::2], num_steps=4, few_steps=(2, 4), rescale_phis=(0.5, 1.0))
+    shown = {"plain, 2 steps": head(trace(0.2)), "plain, 4 steps": head(trace(0.4)),
+             "renorm phi=0.5": head(trace(0.6)), "renorm phi=1": head(trace(0.8))}
+    reward = lambda images, ps: images.mean(dim=(1, 2, 3))  # noqa: E731
+    paths = write_analysis_grids(shown, settings, reward, tmp_path, title="t")
+    assert [p.name for p in paths] == ["grid_plain.png", "grid_few_step.png", "grid_renorm.png"]
+    from PIL import Image
+
+    heights = [np.asarray(Image.open(p)).shape[0] for p in paths]
+    assert heights[0] < heights[1] < heights[2]  # 1 row (full count), 2 (step counts 2, 4), 3 (plain + 2 phis)
+    renorm = np.asarray(Image.open(paths[2]))
+    for level in (0.4, 0.6, 0.8):  # the rows: plain (full count), then each phi; uniform grey cells of that level
+        count = ((renorm == round(level * 255)).all(-1)).sum()
+        assert 3 * CELL * CELL <= count < 3 * CELL * CELL + 500  # three cells (+ a few anti-aliased text pixels)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
     args = parser.parse_args(argv)
 
-    from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
+    from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint, write_analysis_grids
     from training.analysis.io import write_csv
     from training.analysis.norms import norm_ratio_over_training, plot_ratio_by_timestep
     from training.config import load_config
@@ -82,11 +82,13 @@ def main(argv=None) -> int:
         write_csv(result.adjoint, out / "adjoint_coherence.csv")
     if (run_dir / "metrics.csv").is_file():
         norm_ratio_over_training(run_dir, out / "norm_ratio_over_training.png")
+    grids = write_analysis_grids(result.shown, settings, reward, out, title=f"{run_dir.name}: {name}")
     for r in result.rows:
         print(f"{r['sampling']:>7} steps={r['num_steps']:<3} phi={r['phi']:<4g} reward={r['reward_mean']:.4f} "
               f"inflation={r['norm_inflation_pct']:+.2f}%" + (f" fd={r['fd']:.2f}" if "fd" in r else ""))
     if result.adjoint:
         print("adjoint mean/std per step: " + " ".join(f"{a['mean_over_std']:+.2f}" for a in result.adjoint))
+    print("sample grids: " + ", ".join(str(g) for g in grids))
     print(f"written: {out}")
     return 0
 

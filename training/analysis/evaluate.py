@@ -11,6 +11,7 @@ from pathlib import Path
 from training.analysis.adjoint import adjoint_sensitivity, coherence
 from training.analysis.norms import inflation_percent, ratio_rows
 from training.analysis.trajectory import Trace, repeat_prompts, traced_sample
+from training.grids import head
 
 
 @dataclass
@@ -41,6 +42,7 @@ class CheckpointEval:
     ratio_by_step: list[dict]
     adjoint: list[dict] = field(default_factory=list)
     adjoint_total: dict = field(default_factory=dict)
+    shown: dict = field(default_factory=dict)  # condition name -> training.grids.head(trace): the grids' images
 
 
 def _summarise(trace: Trace, reward, quality) -> dict:
@@ -57,10 +59,11 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
     prompts = repeat_prompts(settings.prompts, settings.samples_per_prompt)
     common = dict(shift=settings.shift, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
                   seed=settings.seed, batch_size=settings.batch_size, progress=settings.progress)
-    rows, ratio_by_step = [], []
+    rows, ratio_by_step, shown = [], [], {}
     for steps in settings.step_counts():
         trace = traced_sample(model, prompts, num_steps=steps, desc=f"{label} plain {steps} steps", **common)
         rows.append({"sampling": "plain", "num_steps": steps, "phi": 0.0, **_summarise(trace, reward, quality)})
+        shown[f"plain, {steps} steps"] = head(trace)
         if steps == settings.num_steps:
             ratio_by_step = ratio_rows(trace)
     for phi in settings.rescale_phis:
@@ -68,7 +71,8 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
                               desc=f"{label} renorm phi={phi}", **common)
         rows.append({"sampling": "renorm", "num_steps": settings.num_steps, "phi": phi,
                      **_summarise(trace, reward, quality)})
-    result = CheckpointEval(rows=rows, ratio_by_step=ratio_by_step)
+        shown[f"renorm phi={phi:g}"] = head(trace)
+    result = CheckpointEval(rows=rows, ratio_by_step=ratio_by_step, shown=shown)
     if settings.adjoint_samples_per_prompt > 0:
         grads, _, sigmas = adjoint_sensitivity(
             model, repeat_prompts(settings.prompts, settings.adjoint_samples_per_prompt), reward,
@@ -80,6 +84,19 @@ def evaluate_checkpoint(model, reward, settings: EvalSettings, quality=None, lab
         result.adjoint_total = {"total_mean_over_std": c.total_mean_over_std,
                                 "total_frac_positive": c.total_frac_positive}
     return result
+
+
+def write_analysis_grids(shown: dict, settings: EvalSettings, reward, out: Path, title: str = "") -> list[Path]:
+    """Sample grids next to the tables: grid_plain.png (the full step count), grid_few_step.png (one row per step
+    count) and grid_renorm.png (plain, then each renormalisation blend), same prompts and noise in every row."""
+    from training.grids import trace_grid
+
+    full = f"plain, {settings.num_steps} steps"
+    few = [(f"{s} steps", shown[f"plain, {s} steps"]) for s in settings.step_counts()]
+    renorm = [("plain", shown[full])] + [(k, v) for k, v in shown.items() if k.startswith("renorm")]
+    return [trace_grid([(full, shown[full])], reward, out / "grid_plain.png", f"{title}  plain sampling"),
+            trace_grid(few, reward, out / "grid_few_step.png", f"{title}  few-step sampling"),
+            trace_grid(renorm, reward, out / "grid_renorm.png", f"{title}  renormalised to ||v_ref||")]
 
 
 def load_checkpoint_weights(model, checkpoint: Path) -> None:
