@@ -173,3 +173,29 @@ def test_analysis_grids_one_row_per_condition_same_prompts(tmp_path):
     for level in (0.4, 0.6, 0.8):  # the rows: plain (full count), then each phi; uniform grey cells of that level
         count = ((renorm == round(level * 255)).all(-1)).sum()
         assert 3 * CELL * CELL <= count < 3 * CELL * CELL + 500  # three cells (+ a few anti-aliased text pixels)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_sd3_and_flux_grids_are_decoded_by_the_vae(tmp_path, kind):
+    from tests.training.tiny_pipelines import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+    from training.config import load_config
+
+    save = save_tiny_sd3_pipeline if kind == "sd3" else save_tiny_flux_pipeline
+    path = save(tmp_path / kind)
+    cfg = load_config(overrides=[
+        f"model.type={kind}", f"model.path={path}", "model.resolution=32", "model.max_sequence_length=8",
+        "rollout.prompts=[a red cat, a blue dog, a green tree]", "rollout.prompts_per_step=2", "rollout.group_size=2",
+        "sampling.num_steps=2", "reward.name=colorfulness", "method.nft.num_timesteps=1", "train.steps=1",
+        "train.batch_size=4", "eval.num_prompts=3", "eval.samples_per_prompt=1", "eval.grid_prompts=3",
+        f"log.output_dir={tmp_path}", "log.trackers=[csv]", "log.progress=false"])
+    trainer = Trainer(cfg)
+    assert trainer.model.latent_shape[-1] < 32  # latents are smaller than the images: the VAE decodes them
+    ref = trainer.grid._sample("reference")
+    assert [img.shape for _, img, _, _ in ref] == [(32, 32, 3)] * 3
+    assert all(img.std() > 0 for _, img, _, _ in ref)  # decoded pictures, not blank cells
+    summary = trainer.run()
+    assert [p.name for p in summary.grids] == ["step-000000.png", "step-000001.png"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(summary.grids[-1]))
+    assert grid.shape[1] > 3 * CELL and grid.shape[0] > 2 * CELL  # 3 prompts x 2 rows of 128 px cells (32 px x 4)
