@@ -1,0 +1,86 @@
+"""The regime study's plumbing (issue 14): the protocol's stages hold the runs it names, a run's identity ignores
+what does not change its training, a finished run is found and not rerun, a shorter one is extended exactly,
+and the budget rule picks the smallest step at which every run reaches the threshold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.training.conftest import toy_overrides
+from training.analysis.study.budget import choose_budget
+from training.analysis.study.regime import (RunSpec, build_config, parse_form, plan, run_identity, stage_runs,
+                                            train_run)
+from training.tracking import read_csv
+
+
+def test_stages_hold_the_protocols_runs():
+    sweep = stage_runs("sweep")
+    assert len(sweep) == 2 * (1 + 48) and sum(r.off for r in sweep) == 2
+    forms = {r.overrides[4:] for r in sweep if not r.off}
+    assert len(forms) == 48  # lambda x margin x abs/rel x plain/sq x sample/token
+    assert {r.overrides[3] for r in sweep} == {"train.seed=100", "train.seed=101"}
+    for stage in ("sd3-off", "sd3-adaptive"):
+        runs = stage_runs(stage)
+        assert len(runs) == 4 * 2 * 3 and len({r.label for r in runs}) == 24
+        assert {r.config_file for r in runs if "grpo" in r.label} == {"toy_grpo.yaml"}
+    with pytest.raises(ValueError, match="needs --fixed-form"):
+        stage_runs("sd3-fixed")
+    fixed = stage_runs("sd3-fixed", parse_form("lambda=0.1,margin=0.02,relative=true,squared=false,per_token=true"))
+    assert "normguard.margin=0.02" in fixed[0].overrides and "normguard.per_token=true" in fixed[0].overrides
+    with pytest.raises(ValueError, match="--fixed-form must look like"):
+        parse_form("lambda=0.1")
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_runs("flux-off")
+
+
+def test_identity_ignores_logging_and_the_step_count(tmp_path):
+    spec = stage_runs("sd3-off")[0]
+    a, ida = build_config(spec, 100, tmp_path / "a")
+    b, idb = build_config(spec, 300, tmp_path / "b")
+    assert ida == idb == run_identity(a) and a.run_dir.name == f"{spec.label}-{ida}"
+    other, idc = build_config(stage_runs("sd3-adaptive")[0], 100, tmp_path)
+    assert idc != ida  # NormGuard settings are part of the identity
+    assert a.log.checkpoint_every == 5 and a.log.keep_checkpoints == 21 and other.log.keep_checkpoints == 1
+
+
+def test_a_shorter_run_is_extended_exactly(tmp_path, toy_cache):
+    """train_run to 2 steps, then to 3 (resumed from step 2): the 3-step run's log equals a straight 3-step run's."""
+    tiny = [o for o in toy_overrides("unused", toy_cache) if not o.startswith("log.")]
+    spec = RunSpec("test", "tiny", "toy.yaml", (*tiny, "normguard.ng_lambda=0"), True)
+    cfg2, _ = build_config(spec, 2, tmp_path / "study")
+    assert train_run(cfg2.to_dict())["steps"] == 2
+    cfg3, _ = build_config(spec, 3, tmp_path / "study")
+    assert cfg3.run_dir == cfg2.run_dir
+    status = train_run(cfg3.to_dict())
+    assert status["steps"] == 3 and status["resumed"]
+    straight, _ = build_config(spec, 3, tmp_path / "straight")
+    train_run(straight.to_dict())
+    a, b = read_csv(cfg3.run_dir / "metrics.csv"), read_csv(straight.run_dir / "metrics.csv")
+    assert [r["step"] for r in a] == [1, 2, 3]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert json.loads((cfg3.run_dir / "status.json").read_text())["steps"] == 3
+
+
+def test_plan_marks_runs_done_by_their_status(tmp_path):
+    runs = plan(["sd3-off"], 300, tmp_path)
+    assert not any(done for *_, done in runs)
+    spec, cfg, ident, _ = runs[0]
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "status.json").write_text(json.dumps({"steps": 300}))
+    done = {s.label: d for s, _, _, d in plan(["sd3-off"], 300, tmp_path)}
+    assert done[spec.label] and sum(done.values()) == 1
+    assert not plan(["sd3-off"], 400, tmp_path)[0][3]  # a larger budget: to be extended
+
+
+def test_budget_rule_takes_the_smallest_step_where_every_run_reaches_the_threshold():
+    curves = {"a": [{"step": s, "inflation_pct": x} for s, x in [(25, 1.0), (50, 5.2), (75, 4.9), (100, 6.0)]],
+              "b": [{"step": s, "inflation_pct": x} for s, x in [(25, 2.0), (50, 4.0), (75, 5.5), (100, 7.0)]]}
+    choice = choose_budget(curves, 5.0)
+    assert choice["budget"] == 100  # at 50 b is below, at 75 a has fallen below again
+    assert choice["per_run"] == {"a": (50, 100), "b": (75, 100)}
+    short = {"a": curves["a"], "b": curves["b"][:3]}
+    assert choose_budget(short, 5.0)["budget"] is None and choose_budget(short, 5.0)["common_steps"] == [25, 50, 75]
+    with pytest.raises(ValueError):
+        choose_budget({}, 5.0)
