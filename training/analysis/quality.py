@@ -5,7 +5,8 @@ The CNN learns to classify the toy's attributes (colour, shape, position) from i
 penultimate layer is the feature space. It is trained once per toy geometry and cached next to the toy's
 reference weights (keyed by a hash of everything that defines it), like `training.toy.pretrain`.
 Besides the distance, the classifier's attribute accuracy on generated images (does the image show what its
-caption says?) is a second reward-free measure.
+caption says?) is a second reward-free measure. The third, `pixel_mmd`, uses no learned network: the unbiased MMD^2
+to the same data images in pixel space (training.analysis.mmd).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.analysis.mmd import PixelMMD
 from training.toy.data import COLORS, POSITIONS, SHAPES, parse_caption, render, sample_captions
 
 FEATURES_VERSION = 1
@@ -147,7 +149,9 @@ class ToyQuality:
         self.image_size = image_size
         generator = torch.Generator().manual_seed(seed)
         self.reference_captions = sample_captions(num_reference, generator)
-        self.reference_features = self.features(render(self.reference_captions, image_size, generator))
+        reference_images = render(self.reference_captions, image_size, generator)
+        self.reference_features = self.features(reference_images)
+        self.pixel_mmd = PixelMMD(reference_images)  # the third proxy: no learned network (training.analysis.mmd)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -166,4 +170,4 @@ class ToyQuality:
         labels = attribute_labels(captions)
         correct = torch.stack([logits[k].argmax(1) == labels[k] for k in labels]).all(0)
         return {"fd": frechet_distance(self.features(images), self.reference_features),
-                "attribute_acc": correct.double().mean().item()}
+                "attribute_acc": correct.double().mean().item(), "pixel_mmd": self.pixel_mmd(images.float())}
