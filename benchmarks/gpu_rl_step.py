@@ -395,7 +395,7 @@ def csv_rows(results: list[dict], env: dict, args) -> list[dict]:
 
 
 def write_outputs(out_dir: Path, env: dict, md: str, rows: list[dict]) -> dict:
-    from benchmarks.harness import device_slug
+    from benchmarks.results import device_slug
 
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug(env["device"])
@@ -480,7 +480,7 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from benchmarks.harness import environment
+    from benchmarks.results import environment
 
     def log(msg: str):
         print(f"[{time.perf_counter() - START:6.1f} s] {msg}", flush=True)

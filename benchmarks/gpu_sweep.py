@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import ngkernels
+from benchmarks.profiling import peak_extra_memory_cuda
 from ngkernels.ops import fm_normguard as ops
 from ngkernels.reference import reference_loss
 
@@ -179,14 +180,11 @@ def _safe(measure, fn, device):
 
 
 def peak_extra_bytes(fn, device):
+    """Peak bytes of one full pass above the steady state (the previous gradient is freed as the new one is made)."""
     if device.type != "cuda":
         return ""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    fn.reset = getattr(fn, "reset", lambda: None)
+    return int(peak_extra_memory_cuda(fn))
 
 
 def main(argv=None):

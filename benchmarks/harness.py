@@ -19,7 +19,6 @@ from benchmarks import report
 from benchmarks.cases import LAUNCH_BOUND_SHAPES, OPS, Case, Pass, check_timed_backend, make_inputs
 from benchmarks.profiling import peak_extra_memory_cpu, peak_extra_memory_cuda, profile_launches
 from benchmarks.results import CSV_COLUMNS, results_paths, upsert_rows
-from benchmarks.results import device_slug, environment  # noqa: F401  (benchmarks/gpu_rl_step.py imports them here)
 from benchmarks.timers import time_cuda_graph
 
 
