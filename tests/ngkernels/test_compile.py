@@ -1,4 +1,5 @@
-"""torch.library registration: torch.compile(fullgraph=True) gives the eager result; opcheck passes."""
+"""Under torch.compile(fullgraph=True): the eager result (the Triton backend as the opaque torch.library custom op,
+the torch backend traced inline); opcheck passes on the custom op."""
 
 import pytest
 import torch
@@ -48,3 +49,20 @@ def test_opcheck(backend, device, reduction):
     v, t, r, w = make_inputs((3, 10), torch.float32, device)
     args = (v.clone().requires_grad_(), t, r, w, 0.5, 0.0, False, True, reduction, backend, True)
     torch.library.opcheck(torch.ops.ngkernels.fused_loss_fwd.default, args)
+
+
+def test_what_the_compiled_graph_holds(backend, device):
+    """The Triton backend enters the caller's graph as the custom op; the torch backend as its plain torch ops,
+    which Inductor can fuse with the caller's (on CPU, the reason to trace it rather than hide it)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    v, t, r, w = make_inputs((3, 10), torch.float32, device)
+    torch.compile(lambda v: ngkernels.fm_normguard_loss(v, t, r) * 2.0, backend=capture, fullgraph=True)(v)
+    (code,) = graphs
+    assert ("ngkernels.fused_loss_fwd" in code) == (backend == "triton")
+    assert ("linalg_vector_norm" in code) == (backend == "torch")
