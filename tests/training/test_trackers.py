@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,8 +47,12 @@ def test_wandb_offline_run_holds_the_metrics_and_the_sample_grids(toy_cfg, monke
     runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     (record,) = runs[0].glob("run-*.wandb")
+    keys = (b"eval_reward", b"norm_ratio", b"reward_mean", b"samples")
+    deadline = time.time() + 60  # wandb's service process writes the record; under load it may lag finish()
+    while not all(k in record.read_bytes() for k in keys) and time.time() < deadline:
+        time.sleep(0.5)
     data = record.read_bytes()
-    for key in (b"eval_reward", b"norm_ratio", b"reward_mean", b"samples"):
+    for key in keys:
         assert key in data, key
     from PIL import Image
 
