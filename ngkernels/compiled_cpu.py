@@ -23,9 +23,9 @@ and a lambda schedule would recompile every step); target, v_ref and weight ente
   - equal sizes in the first call's shape: Dynamo gives equal sizes one symbol ("duck sizing"), so S
     [16, 16, 64, 64] compiles a graph for B == C, and the first B != 16 one general graph (no further ones:
     distinct symbols carry no inequality guard).
-So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 4 variants (5
-when its first shape has a size coincidence), in practice 1 or 2 (tests/ngkernels/test_cpu_compile.py checks
-the bound). All variants share one code object, of which
+So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 4 variants, plus
+one for each size coincidence of its first shape that a later shape breaks; in practice 1 or 2
+(tests/ngkernels/test_cpu_compile.py checks the bound). All variants share one code object, of which
 Dynamo keeps `torch._dynamo.config.recompile_limit` (8 by default); past that the call runs eagerly, right but
 slower.
 
