@@ -31,6 +31,22 @@ def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 _state.AcceleratorState.__init__ = _fsdp_on_cpu
 
+import accelerate as _accelerate  # noqa: E402
+
+_orig_prepare = _accelerate.Accelerator.prepare
+
+
+def _prepare_keeping_fsdp(self, *args, **kwargs):
+    """accelerate's FSDP2 preparation resets the shared state's type to MULTI_CPU on CPU; the rest of accelerate
+    (gradient clipping, save_state) branches on it, so it is restored."""
+    out = _orig_prepare(self, *args, **kwargs)
+    if getattr(self.state, "fsdp_plugin", None) is not None:
+        self.state.distributed_type = DistributedType.FSDP
+    return out
+
+
+_accelerate.Accelerator.prepare = _prepare_keeping_fsdp
+
 
 def main():
     import torch

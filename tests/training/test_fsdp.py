@@ -16,7 +16,9 @@ Recorded limits (accelerate 1.16, torch 2.13, CPU):
 3. The step's numbers are close to the 1-process run but NOT equal within float tolerance (measured: LoRA loss
    4.003056 vs 4.003087, grad norm 0.0634 vs 0.0658; full fine-tuning loss 4.00904 vs 4.01573, grad norm 1.07
    vs 1.31), while the rollout rewards are equal. Unexplained so far (the 2-process DDP run equals the 1-process
-   run exactly); the gradient reduction or clipping of DTensor gradients is the first suspect.
+   run exactly); the gradient reduction or clipping of DTensor gradients is the first suspect. (accelerate's
+   FSDP2 `prepare` resets the state's type to MULTI_CPU on CPU; the harness restores FSDP after it, and the
+   numbers and the checkpoint error below are the same either way.)
 4. The checkpoint fails: the trimmed model state (training.checkpoint) holds DTensor shards, which accelerate's
    safetensors writer cannot take: "RuntimeError: Attempted to access the data pointer on an invalid python
    storage." Exact resume under FSDP is therefore untested.
