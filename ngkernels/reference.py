@@ -51,9 +51,12 @@ def sample_stats(v2d: torch.Tensor, target2d: Optional[torch.Tensor], ref2d: Opt
     ref_norm = None if ref2d is None else torch.linalg.vector_norm(ref2d.to(acc), dim=1)
     if target2d is None:
         mse = None
-    elif torch.is_grad_enabled() and v2d.requires_grad:  # the oracle, differentiated by autograd
-        mse = (v2d.to(acc) - target2d.to(acc)).square().mean(dim=1)
-    else:  # the torch backend's forward: one temporary of the accumulation dtype
+    elif (torch.is_grad_enabled() and v2d.requires_grad) or torch.compiler.is_compiling():
+        # the oracle, differentiated by autograd; and under torch.compile, which fuses it into the reduction.
+        # target - v (the same squares): were it v - target, the node the backward computes, the compiled
+        # forward would write the difference out for the backward rather than let it re-read v and target
+        mse = (target2d.to(acc) - v2d.to(acc)).square().mean(dim=1)
+    else:  # the torch backend's eager forward: one temporary of the accumulation dtype
         mse = target2d.to(acc, copy=True).neg_().add_(v2d).square_().mean(dim=1)
     return LossStats(v_norm, ref_norm, mse)
 

@@ -36,6 +36,12 @@ def torch_backward(grad_out, v2d, t2d, coef, opts: LossOptions, has_ref: bool):
     g = grad_out.to(coef.dtype)
     g = g.expand(B) / B if opts.reduction == "mean" else g.expand(B)
     a, c = (g * coef[0])[:, None], (g * coef[1])[:, None]
+    if torch.compiler.is_compiling():  # out of place: Inductor fuses it into one loop (no copy of target first)
+        vf = v2d.to(coef.dtype)
+        grad = a * vf if t2d is None else c * (vf - t2d.to(coef.dtype))
+        if t2d is not None and has_ref:
+            grad = grad + a * vf
+        return grad.to(v2d.dtype)
     if t2d is None:
         grad = torch.mul(v2d, a)  # promotes to the accumulation dtype without a copy of v
     else:  # a v + c (v - t) in one buffer of the accumulation dtype
