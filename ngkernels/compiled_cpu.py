@@ -25,9 +25,10 @@ and a lambda schedule would recompile every step); target, v_ref and weight ente
     distinct symbols carry no inequality guard).
 So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 4 variants, plus
 one for each size coincidence of its first shape that a later shape breaks; in practice 1 or 2
-(tests/ngkernels/test_cpu_compile.py checks the bound). All variants share one code object, of which
-Dynamo keeps `torch._dynamo.config.recompile_limit` (8 by default); past that the call runs eagerly, right but
-slower.
+(tests/ngkernels/test_cpu_compile.py checks the bound). Each (dtype, rank, terms, options) gets its own copy of
+the compiled function (`run`'s key), because Dynamo keeps `torch._dynamo.config.recompile_limit` (8) variants
+per code object and runs the function eagerly past that: one process with many call sites (the benchmark suite:
+3 ops x 2 dtypes x 2 ranks) would otherwise fall back to eager after the eighth.
 
 When not. Under COMPILE_MIN_NUMEL (small tensors: tests, the toy demo) the compile, seconds once per process and
 variant (Inductor's on-disk FX-graph and C++ caches make later processes cheaper), would cost more than it saves.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 
 import torch
@@ -52,7 +54,7 @@ from ngkernels.options import LossOptions
 COMPILE_MIN_NUMEL = 1 << 17  # elements of v from which the op runs compiled (S: 2**20; the toy demo: 12288)
 CHOICES = ("auto", "0", "1")  # NGKERNELS_CPU_COMPILE: from COMPILE_MIN_NUMEL elements / never / always
 
-_COMPILED: dict = {}  # function -> its torch.compile wrapper
+_COMPILED: dict = {}  # (function, key) -> the torch.compile wrapper of its own copy
 _FAILED: list = []  # the error that switched compiling off for this process (at most one)
 
 
@@ -107,14 +109,23 @@ def _inputs_free_to_save():
     return InputsFreeToSave()
 
 
-def run(fn, *args):
+def _own_code(fn):
+    """fn with a code object of its own: Dynamo keeps its compiled variants per code object, at most
+    `recompile_limit` (8) of them, and runs the function eagerly past that."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def run(fn, key, *args):
     """torch.compile(fn, dynamic=True, fullgraph=True)(*args), or None once compiling has failed: the failure warns
-    once and switches compiling off for the process (it would fail again, seconds each time)."""
+    once and switches compiling off for the process (it would fail again, seconds each time).
+
+    key: what selects the code (dtype, rank, terms, options); each key compiles its own copy of fn, so that the
+    variants of one call site (B == 1, N <= 4096, ...) never compete for Dynamo's 8 with other call sites'."""
     try:
-        compiled = _COMPILED.get(fn)
+        compiled = _COMPILED.get((fn, key))
         if compiled is None:
-            compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True,
-                                                     options={"custom_partitioner_fn": _inputs_free_to_save()})
+            compiled = _COMPILED[(fn, key)] = torch.compile(
+                _own_code(fn), dynamic=True, fullgraph=True, options={"custom_partitioner_fn": _inputs_free_to_save()})
         return compiled(*args)
     except Exception as err:  # noqa: BLE001  (any failure to compile it: the eager path is always right)
         _FAILED.append(err)

@@ -91,7 +91,9 @@ def _fused(v, target, v_ref, weight, opts: LossOptions):
     keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
     if backend == "torch" and compiled_cpu.enabled(v):  # large CPU tensors: this function, compiled
         const = compiled_cpu.constant_input
-        out = compiled_cpu.run(_rows_and_loss, v, const(target), const(v_ref), const(weight),
+        key = (v.dtype, v.dim(), target is None, v_ref is None, weight is None, opts.relative, opts.squared,
+               opts.reduction, keep)
+        out = compiled_cpu.run(_rows_and_loss, key, v, const(target), const(v_ref), const(weight),
                                compiled_cpu.with_tensor_scalars(opts), backend, keep)
         if out is not None:
             return out
