@@ -94,19 +94,26 @@ def _inputs_free_to_save():
     """Inductor's min-cut partitioner, told that the op's inputs are free to save for the backward (they are alive
     anyway). Left alone it counts v and target as 2N saved elements against N for v - target, so for float32 the
     forward writes the difference out and the backward reads it back (1.8x slower at S than re-reading v and
-    target, which is what the compiled expression and the Triton kernels do)."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+    target, which is what the compiled expression and the Triton kernels do).
 
-    class InputsFreeToSave(CustomPartitionerFn):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            kwargs["static_lifetime_input_indices"] = list(range(len(joint_inputs[0])))
-            return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+    The class is made on first use (importing Inductor costs seconds) and published as a module global, so that
+    Inductor can pickle it into its on-disk cache key (a local class would switch that cache off)."""
+    cls = globals().get("_InputsFreeToSave")
+    if cls is None:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-        def uuid(self):
-            return "ngkernels.compiled_cpu.InputsFreeToSave.1"
+        class _InputsFreeToSave(CustomPartitionerFn):
+            def __call__(self, gm, joint_inputs, **kwargs):
+                kwargs["static_lifetime_input_indices"] = list(range(len(joint_inputs[0])))
+                return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
-    return InputsFreeToSave()
+            def uuid(self):
+                return "ngkernels.compiled_cpu._InputsFreeToSave.1"
+
+        _InputsFreeToSave.__qualname__ = "_InputsFreeToSave"
+        globals()["_InputsFreeToSave"] = cls = _InputsFreeToSave
+    return cls()
 
 
 def _own_code(fn):
