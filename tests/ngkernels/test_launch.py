@@ -226,11 +226,13 @@ def test_misaligned_views(backend, device, op, N):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_reduction_over_many_row_blocks(monkeypatch, device, reduction):
-    """More row blocks than one step of the final reduction (BLOCK_B): a tile of 16 makes every row of 16 its
-    own row block, so 1100 rows are 1100 block sums added in two steps."""
+    """More row blocks than one step of the final reduction: a tile of 16 makes every row of 16 its own row block
+    and a BLOCK_B of 8 makes the last arrival add 37 block sums in 5 steps (the same loop that takes 1024 sums a
+    step at the real BLOCK_B; the interpreter would need minutes for 1025 row blocks)."""
     monkeypatch.setenv("NGKERNELS_BACKEND", "triton")
     monkeypatch.setenv("NGKERNELS_TILE", "16")
-    v, target, v_ref, weight = make_inputs((1100, 16), torch.float32, device)
+    monkeypatch.setattr(ops, "BLOCK_B", 8)
+    v, target, v_ref, weight = make_inputs((37, 16), torch.float32, device)
     opts = LossOptions(reduction=reduction)
-    assert ops.forward_launch(v, target, v_ref, weight, opts)[0][0] > ops.BLOCK_B
+    assert ops.forward_launch(v, target, v_ref, weight, opts)[0][0] > 4 * ops.BLOCK_B
     assert_matches_oracle("fm_normguard", v, target, v_ref, weight, dict(reduction=reduction), rtol=1e-5)
