@@ -82,5 +82,9 @@ def test_budget_rule_takes_the_smallest_step_where_every_run_reaches_the_thresho
     assert choice["per_run"] == {"a": (50, 100), "b": (75, 100)}
     short = {"a": curves["a"], "b": curves["b"][:3]}
     assert choose_budget(short, 5.0)["budget"] is None and choose_budget(short, 5.0)["common_steps"] == [25, 50, 75]
+    low = {"a": curves["a"], "c": [{"step": s, "inflation_pct": 1.0} for s in (25, 50, 75, 100)]}
+    assert choose_budget(low, 5.0, cap=100)["budget"] == 100 and choose_budget(low, 5.0, cap=100)["capped"]
+    assert choose_budget(low, 5.0, cap=200)["budget"] is None  # not measured up to the cap yet
+    assert not choose_budget(curves, 5.0, cap=100)["capped"]
     with pytest.raises(ValueError):
         choose_budget({}, 5.0)

@@ -66,10 +66,12 @@ def measure_run(run_dir: str | Path, samples_per_prompt: int = 16, seed: int = E
     return [rows[s] for s in sorted(rows)]
 
 
-def choose_budget(curves: dict[str, list[dict]], threshold: float = 5.0) -> dict:
-    """curves: {run label: rows with "step" and "inflation_pct"}. -> {"budget": B or None, "common_steps": steps
-    measured for every run, "per_run": {label: (first step >= threshold or None, last step measured)}}.
-    B is the smallest step measured for every run at which every run's inflation is >= threshold."""
+def choose_budget(curves: dict[str, list[dict]], threshold: float = 5.0, cap: int | None = None) -> dict:
+    """curves: {run label: rows with "step" and "inflation_pct"}. -> {"budget": B or None, "capped": bool,
+    "common_steps": steps measured for every run, "per_run": {label: (first step >= threshold or None, last step
+    measured)}}. B is the smallest step measured for every run at which every run's inflation is >= threshold.
+    With a cap (the budget runs' length): when no step qualifies and every run is measured up to the cap, B = cap
+    and "capped" is True (the protocol's fallback: the threshold was not reached)."""
     if not curves:
         raise ValueError("need at least one run's inflation curve")
     by_run = {k: {int(r["step"]): float(r["inflation_pct"]) for r in rows} for k, rows in curves.items()}
@@ -77,7 +79,9 @@ def choose_budget(curves: dict[str, list[dict]], threshold: float = 5.0) -> dict
     budget = next((s for s in common if all(v[s] >= threshold for v in by_run.values())), None)
     per_run = {k: (next((s for s in sorted(v) if v[s] >= threshold), None), max(v) if v else None)
                for k, v in by_run.items()}
-    return {"budget": budget, "common_steps": common, "per_run": per_run}
+    capped = budget is None and cap is not None and all(last is not None and last >= cap
+                                                        for _, last in per_run.values())
+    return {"budget": cap if capped else budget, "capped": capped, "common_steps": common, "per_run": per_run}
 
 
 def main(argv=None) -> int:
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="NormGuard-off run directories (with checkpoints)")
     parser.add_argument("--threshold", type=float, default=5.0, help="inflation in percent (default 5)")
     parser.add_argument("--samples-per-prompt", type=int, default=16)
+    parser.add_argument("--cap", type=int, default=600,
+                        help="the budget runs' length: B when no step qualifies (default 600, the protocol's)")
     parser.add_argument("--every", type=int, default=1,
                         help="measure only checkpoints whose step is a multiple of this (a coarse pass; default 1)")
     args = parser.parse_args(argv)
@@ -103,11 +109,12 @@ def main(argv=None) -> int:
             row = next((r for r in rows if int(r["step"]) == s), None)
             cells.append("" if row is None else f"{row['inflation_pct']:+.2f} % ({row['reward_mean']:.4f})")
         print(f"| {s} | " + " | ".join(cells) + " |")
-    choice = choose_budget(curves, args.threshold)
+    choice = choose_budget(curves, args.threshold, args.cap)
     for label, (first, last) in choice["per_run"].items():
         print(f"{label}: first step >= {args.threshold:g} %: {first}; measured up to step {last}")
-    print(f"budget B = {choice['budget']}" + ("" if choice["budget"] is not None else
-                                               " (not reached yet at every run's measured checkpoints)"))
+    note = (f" (the cap: no measured step has every run >= {args.threshold:g} %)" if choice["capped"] else
+            "" if choice["budget"] is not None else " (not reached yet at every run's measured checkpoints)")
+    print(f"budget B = {choice['budget']}{note}")
     return 0
 
 
