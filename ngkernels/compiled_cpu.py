@@ -37,6 +37,11 @@ checks), not while torch.compile traces the caller (it then traces the math itse
 failed compile (e.g. no C++ compiler) warns once and the process keeps the eager path from then on.
 NGKERNELS_CPU_COMPILE=0 never compiles, =1 compiles whatever the size (to run the op tests against the compiled
 path), auto (the default) from COMPILE_MIN_NUMEL elements.
+
+Known limit: `loss.backward(retain_graph=True)` on a compiled call raises "compiled with non-empty donated
+buffers" (torch 2.13's compiled backward; patching torch._functorch.config.donated_buffer around the forward
+does not help, because the backward checks the global flag and metadata whose default is None, not []). Set
+torch._functorch.config.donated_buffer = False in the process, or NGKERNELS_CPU_COMPILE=0, to retain graphs.
 """
 
 from __future__ import annotations
