@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ngkernels import functional as F
+from ngkernels.options import REDUCTIONS, accumulation_dtype
 from ngkernels.reference import LossStats
 
 
@@ -112,7 +113,7 @@ class NormGuard(nn.Module):
     """
 
     CONSTRAINTS = ("ratio", "hinge")
-    REDUCTIONS = ("none", "mean", "sum")
+    REDUCTIONS = REDUCTIONS  # ngkernels.options: the one list
 
     def __init__(self, ng_lambda=1.0, *, margin=0.0, relative=False, squared=False, per_token=False,
                  channel_dim=None, reduction="mean", adaptive=False, lambda_lr=0.1, lambda_max=10.0,
@@ -181,7 +182,7 @@ class NormGuard(nn.Module):
                              f"move the module with guard.to({str(v.device)!r})")
         B = v.shape[0]
         if isinstance(weight, (int, float)):
-            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+            acc = accumulation_dtype(v.dtype)
             weight = torch.full((B,), float(weight), device=v.device, dtype=acc)
         T = 1
         if self.per_token:

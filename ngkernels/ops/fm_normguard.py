@@ -376,6 +376,11 @@ def _variant_key(kernel, args, kwargs):
         if isinstance(a, int) and names[i] not in skip else None for i, a in enumerate(args))
 
 
+def _tl_dtype(acc: torch.dtype):
+    """The kernels' ACC constexpr for an accumulation dtype (options.accumulation_dtype decides which)."""
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
 def _on(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (multi-GPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -410,7 +415,7 @@ def forward_launch(v2d, t2d, r2d, weight, opts: LossOptions, keep: bool = False,
     rows, block_n, num_warps, block_s = tile_of(N, tile)
     kwargs = dict(HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None, RELATIVE=bool(opts.relative),
                   SQUARED=bool(opts.squared), REDUCE=code != 0, **l2_policies(_keep_in_l2(keep, v2d, t2d)),
-                  ACC=tl.float64 if acc == torch.float64 else tl.float32, ROWS=rows, BLOCK_N=block_n,
+                  ACC=_tl_dtype(acc), ROWS=rows, BLOCK_N=block_n,
                   BLOCK_S=block_s, BLOCK_B=BLOCK_B, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
 
     def args(plan, part, count, bsum):
@@ -449,7 +454,7 @@ def triton_backward(grad_out, v2d, t2d, coef, opts: LossOptions, has_ref: bool, 
     tile = _tile()
     rows, block_n, num_warps, _ = tile_of(N, tile)
     kwargs = dict(HAS_A=bool(has_ref), HAS_T=has_t, GO_PER_SAMPLE=code == 0, REVERSE=L2_KEEP,
-                  ACC=tl.float64 if coef.dtype == torch.float64 else tl.float32, ROWS=rows, BLOCK_N=block_n,
+                  ACC=_tl_dtype(coef.dtype), ROWS=rows, BLOCK_N=block_n,
                   num_warps=num_warps, enable_fp_fusion=FP_FUSION)
 
     def args(plan):
