@@ -37,6 +37,7 @@ import torch
 
 import ngkernels
 from benchmarks.profiling import peak_extra_memory_cuda
+from benchmarks.timers import copy_bandwidth_gbps, time_once_ms
 from ngkernels.ops import fm_normguard as ops
 from ngkernels.reference import reference_loss
 
@@ -55,19 +56,7 @@ def bench(fn, reps, device):
     """Median seconds of fn() over reps calls after 3 warm-ups (CUDA events per call; host clock on CPU)."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+    times = [time_once_ms(fn, device) / 1e3 for _ in range(reps)]
     times.sort()
     return times[len(times) // 2]
 
@@ -108,13 +97,6 @@ def timed(make, sets, reps, device):
         except Exception as exc:  # e.g. an op that syncs: time it per call instead
             print(f"graph capture failed ({type(exc).__name__}: {exc}); per-call timing", flush=True)
     return bench(make(sets), reps, device), "per-call"
-
-
-def copy_bandwidth(device, nbytes):
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), 20, device)
-    return 2 * nbytes / t  # read + write
 
 
 def eager_expression(v, target, v_ref):
@@ -219,7 +201,7 @@ def main(argv=None):
             w.writeheader()
             w.writerows(rows)
 
-    bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 22))
+    bw = copy_bandwidth_gbps(device, (1 << 30) if device.type == "cuda" else (1 << 22)) * 1e9
     notes["copy_bandwidth_GBps"] = bw / 1e9
     notes["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     notes["torch"], notes["triton"] = torch.__version__, __import__("triton").__version__

@@ -64,6 +64,21 @@ def rounds_for(fn: Pass, max_time_s: float, min_rounds: int = 5) -> int:
     return max(min_rounds, min(int(max_time_s / once), 1000))
 
 
+def time_once_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events around it (the device's time, host gaps included), else the host
+    clock. For whole steps, which are long enough that one call is a sample."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 # ---------------------------------------------------------------------------------------------------
 # The physical limit: a large device-to-device copy, bytes read + written per second
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from benchmarks.timers import time_once_ms
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = REPO_ROOT / "training" / "configs" / "toy.yaml"
@@ -72,19 +73,6 @@ def build_step(ng_lambda: float, work_dir: str, device: torch.device, seed: int 
     return step, description
 
 
-def _time_once(step: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    step()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure(device: torch.device, env: dict, rounds: int = 30, warmup: int = 3) -> list[dict]:
     """Two CSV rows (normguard_off, normguard_on): medians of `rounds` alternated steps."""
     if device.type == "cpu":  # accelerate would pick a GPU when there is one
@@ -97,7 +85,7 @@ def measure(device: torch.device, env: dict, rounds: int = 30, warmup: int = 3) 
         samples = {name: [] for name in steps}
         for _ in range(rounds):
             for name, (step, _) in steps.items():
-                samples[name].append(_time_once(step, device))
+                samples[name].append(time_once_ms(step, device))
     rows = []
     for name, (step, description) in steps.items():
         ms = samples[name]

@@ -98,16 +98,22 @@ def case_flow_grpo_dpo(m, rest):
     return ns, [v], loss, (lambda ns: ns["loss"]), (v, v_ref), ("info", "normguard_ratio")
 
 
-def case_diffusionnft(m, rest):
-    B, kl_beta = 2, 1e-4
+def _nft_case(m, rest, sigmas, kl_beta, B=2):
+    """v, v_ref, the NFT policy loss and the authors' total (policy + beta * velocity KL), as both NFT trainers
+    form them."""
     v, v_ref = m.pair(B, rest)
     v.requires_grad_()
     v_old = v_ref * 1.02 + 0.02 * m.randn(B, *rest)
     x0, noise = m.randn(B, *rest), m.randn(B, *rest)
-    sigma = torch.tensor([0.6, 0.3], dtype=m.dtype)
+    sigma = torch.tensor(sigmas, dtype=m.dtype)
     x_t = (1 - _sigma_view(sigma, x0)) * x0 + _sigma_view(sigma, x0) * noise
     policy = plain.nft_policy_loss(v, v_old, x0, x_t, sigma, m.randn(B), nft_beta=1.0, adv_clip_max=5.0)
-    authors = policy + kl_beta * plain.velocity_kl(v, v_ref).mean()
+    return v, v_ref, policy, policy + kl_beta * plain.velocity_kl(v, v_ref).mean()
+
+
+def case_diffusionnft(m, rest):
+    kl_beta = 1e-4
+    v, v_ref, policy, authors = _nft_case(m, rest, [0.6, 0.3], kl_beta)
     ns = dict(forward_prediction=v, ref_forward_prediction=v_ref, loss=policy, loss_terms={},
               config=SimpleNamespace(train=SimpleNamespace(beta=kl_beta)))
     return ns, [v], authors, (lambda ns: ns["loss"]), (v, v_ref), ("loss_terms", "normguard_ratio")
@@ -147,15 +153,8 @@ def _state(x):
 
 
 def case_flow_factory_nft(m, rest):
-    B, kl_beta = 2, 0.04
-    v, v_ref = m.pair(B, rest)
-    v.requires_grad_()
-    v_old = v_ref * 1.02 + 0.02 * m.randn(B, *rest)
-    x0, noise = m.randn(B, *rest), m.randn(B, *rest)
-    sigma = torch.tensor([0.5, 0.2], dtype=m.dtype)
-    x_t = (1 - _sigma_view(sigma, x0)) * x0 + _sigma_view(sigma, x0) * noise
-    policy = plain.nft_policy_loss(v, v_old, x0, x_t, sigma, m.randn(B), nft_beta=1.0, adv_clip_max=5.0)
-    authors = policy + kl_beta * plain.velocity_kl(v, v_ref).mean()
+    kl_beta = 0.04
+    v, v_ref, policy, authors = _nft_case(m, rest, [0.5, 0.2], kl_beta)
     ns = dict(new_velocity=_state(v), ref_velocity=_state(v_ref), loss=policy, loss_info=defaultdict(list),
               self=("trainer", kl_beta))
     return ns, [v], authors, (lambda ns: ns["loss"]), (v, v_ref), ("loss_info", "normguard_ratio")
