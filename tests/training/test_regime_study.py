@@ -48,7 +48,7 @@ def test_identity_ignores_logging_and_the_step_count(tmp_path):
 def test_a_shorter_run_is_extended_exactly(tmp_path, toy_cache):
     """train_run to 2 steps, then to 3 (resumed from step 2): the 3-step run's log equals a straight 3-step run's."""
     tiny = [o for o in toy_overrides("unused", toy_cache) if not o.startswith("log.")]
-    spec = RunSpec("test", "tiny", "toy.yaml", (*tiny, "normguard.ng_lambda=0"), True)
+    spec = RunSpec("test", "tiny", "toy.yaml", (*tiny, "normguard.ng_lambda=0"), True, 0)
     cfg2, _ = build_config(spec, 2, tmp_path / "study")
     assert train_run(cfg2.to_dict())["steps"] == 2
     cfg3, _ = build_config(spec, 3, tmp_path / "study")

@@ -60,6 +60,7 @@ class RunSpec:
     config_file: str
     overrides: tuple[str, ...]
     off: bool  # NormGuard off: keeps a checkpoint every 5 steps (the early-stopping control)
+    seed: int
 
 
 def form_overrides(lam: float, margin: float, relative: bool, squared: bool, per_token: bool) -> list[str]:
@@ -96,10 +97,10 @@ def stage_runs(stage: str, fixed_form: tuple | None = None) -> list[RunSpec]:
         runs = []
         for seed in SWEEP_SEEDS:
             base = (*common, f"method.name={method}", f"reward.name={reward}", f"train.seed={seed}")
-            runs.append(RunSpec(stage, f"sweep_off_s{seed}", METHOD_CONFIGS[method], (*base, *OFF), True))
+            runs.append(RunSpec(stage, f"sweep_off_s{seed}", METHOD_CONFIGS[method], (*base, *OFF), True, seed))
             for form in product(SWEEP_LAMBDAS, SWEEP_MARGINS, (False, True), (False, True), (False, True)):
                 runs.append(RunSpec(stage, f"sweep_{form_label(*form)}_s{seed}", METHOD_CONFIGS[method],
-                                    (*base, *form_overrides(*form)), False))
+                                    (*base, *form_overrides(*form)), False, seed))
         return runs
     arms = {"sd3-off": ("off", OFF, True), "sd3-adaptive": ("adaptive", ADAPTIVE, False)}
     if stage == "sd3-fixed":
@@ -110,7 +111,7 @@ def stage_runs(stage: str, fixed_form: tuple | None = None) -> list[RunSpec]:
         raise ValueError(f"unknown stage {stage!r}; known: {list(STAGES)}")
     arm, overrides, off = arms[stage]
     return [RunSpec(stage, f"sd3_{method}_{reward}_{arm}_s{seed}", METHOD_CONFIGS[method],
-                    (*common, f"method.name={method}", f"reward.name={reward}", f"train.seed={seed}", *overrides), off)
+                    (*common, f"method.name={method}", f"reward.name={reward}", f"train.seed={seed}", *overrides), off, seed)
             for seed in MAIN_SEEDS for method in METHOD_CONFIGS for reward in REWARDS]
 
 
@@ -162,11 +163,15 @@ def train_run(cfg_dict: dict) -> dict:
     return status
 
 
-def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None) -> list[tuple[RunSpec, object, str, bool]]:
-    """-> [(spec, cfg, identity, done)] in stage order."""
+def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None,
+         methods: tuple[str, ...] | None = None) -> list[tuple[RunSpec, object, str, bool]]:
+    """-> [(spec, cfg, identity, done)] in stage order; `methods` keeps only the main-grid runs of those methods."""
     out = []
     for stage in stages:
         for spec in stage_runs(stage, fixed_form):
+            if methods is not None and stage != "sweep" and not any(f"method.name={m}" in spec.overrides
+                                                                     for m in methods):
+                continue
             cfg, ident = build_config(spec, steps, out_dir)
             status = run_status(cfg.run_dir)
             out.append((spec, cfg, ident, status is not None and status["steps"] >= steps))
@@ -182,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/study14", help="output directory (default outputs/study14)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fixed-form", default=None, help="the sweep's chosen form, for stage sd3-fixed")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated subset of {list(METHOD_CONFIGS)} for the main-grid stages (default all)")
     parser.add_argument("--status", action="store_true", help="print how far each stage got; train nothing")
     args = parser.parse_args(argv)
     try:
@@ -189,7 +196,12 @@ def main(argv=None) -> int:
         fixed = parse_form(args.fixed_form) if args.fixed_form else None
         if args.steps < 1 or args.workers < 1:
             raise ValueError("--steps and --workers must be >= 1")
-        runs = plan(stages, args.steps, Path(args.out), fixed)
+        methods = None
+        if args.methods:
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            if unknown := sorted(set(methods) - set(METHOD_CONFIGS)):
+                raise ValueError(f"unknown method(s) {unknown}; known: {list(METHOD_CONFIGS)}")
+        runs = plan(stages, args.steps, Path(args.out), fixed, methods)
     except ValueError as err:
         print(f"regime study error: {err}", file=sys.stderr)
         return 2
@@ -198,7 +210,9 @@ def main(argv=None) -> int:
         print(f"{stage}: {sum(r[3] for r in mine)} of {len(mine)} runs at {args.steps} steps", flush=True)
     if args.status:
         return 0
-    todo = [(spec, cfg) for spec, cfg, _, done in runs if not done]
+    # Seed-major order across the main-grid stages, so that an interrupted study leaves complete on/off pairs.
+    todo = sorted(((spec, cfg) for spec, cfg, _, done in runs if not done),
+                  key=lambda r: (r[0].stage != "sweep", r[0].seed))
     from training.analysis.study.jobs import spawn_context
 
     started = time.time()
