@@ -88,3 +88,59 @@ def test_budget_rule_takes_the_smallest_step_where_every_run_reaches_the_thresho
     assert not choose_budget(curves, 5.0, cap=100)["capped"]
     with pytest.raises(ValueError):
         choose_budget({}, 5.0)
+
+
+def _write_metrics(path, rewards_every_5):
+    lines = ["step,eval_reward,norm_ratio"]
+    for step in range(1, 5 * len(rewards_every_5) + 1):
+        r = rewards_every_5[step // 5 - 1] if step % 5 == 0 else ""
+        lines.append(f"{step},{r},1.0")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_matching_uses_the_evaluated_steps(tmp_path):
+    """Evaluations every 5 steps: the off run is taken at an evaluated step (one with a checkpoint), not at the
+    index of its evaluation."""
+    from training.analysis.study.evaluation import matched_step
+
+    _write_metrics(tmp_path / "off", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    _write_metrics(tmp_path / "on", [0.1, 0.2, 0.3, 0.35, 0.35, 0.35])
+    m = matched_step(tmp_path / "off", tmp_path / "on")  # off's trailing means: .1 .15 .2 .3 .4 .5; target .35
+    assert m["step"] == 25 and m["reached"] and m["target_reward"] == pytest.approx(0.35)
+    m = matched_step(tmp_path / "on", tmp_path / "off")  # never reached: the best evaluated step, flagged
+    assert m["step"] in (20, 25, 30) and not m["reached"]
+
+
+def test_evaluation_stage_writes_each_checkpoint_once(tmp_path, toy_cache, monkeypatch):
+    """Final checkpoints of an off and an adaptive run, the off run's matched checkpoint, the reference and the
+    data floor each get one complete JSON; a second pass finds nothing left to do (the stage resumes)."""
+    from training.analysis.study import evaluation
+
+    monkeypatch.setattr(evaluation, "EVAL", dict(evaluation.EVAL, samples_per_prompt=1, few_steps=(2,),
+                                                  rescale_phis=(1.0,), adjoint_samples_per_prompt=1))
+    monkeypatch.setattr(evaluation, "FEATURE_STEPS", 20)
+    monkeypatch.setattr(evaluation, "NUM_REFERENCE", 64)
+    tiny = [o for o in toy_overrides("unused", toy_cache) if not o.startswith(("log.", "eval."))]
+    specs = [RunSpec("sd3-off", "sd3_nft_caption_match_off_s0", "toy.yaml", (*tiny, "normguard.ng_lambda=0"), True, 0),
+             RunSpec("sd3-adaptive", "sd3_nft_caption_match_adaptive_s0", "toy.yaml",
+                     (*tiny, "normguard.adaptive=true"), False, 0)]
+    finished = []
+    for spec in specs:
+        cfg, _ = build_config(spec, 10, tmp_path / "study")
+        train_run(cfg.to_dict())
+        finished.append((spec, cfg))
+    jobs = evaluation.evaluation_jobs(finished, tmp_path / "study")
+    names = sorted(str(p).replace(str(tmp_path / "study"), "") for _, _, p in jobs)
+    matched = evaluation.matched_step(finished[0][1].run_dir, finished[1][1].run_dir)["step"]
+    assert matched in (5, 10)
+    assert len(jobs) == 4 + (matched == 5), names  # data, reference, 2 finals (+ the matched one if not final)
+    for fn, args, path in jobs:
+        result = fn(*args)
+        stored = json.loads(open(path).read())
+        assert stored["label"] == result["label"]
+        if fn is evaluation.evaluate_to_file:
+            assert {r["sampling"] for r in stored["rows"]} == {"plain", "renorm"}
+            assert {"reward_mean", "fd", "attribute_acc", "pixel_mmd", "norm_inflation_pct"} <= set(stored["rows"][0])
+            assert len(stored["samples"]["images"]) == len(stored["samples"]["prompts"]) > 0
+    assert evaluation.evaluation_jobs(finished, tmp_path / "study") == []

@@ -12,18 +12,23 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def match_checkpoint(rewards_off: list[float], rewards_on: list[float], window: int) -> dict:
-    """Rewards per step (1..N) of the NormGuard-off and -on runs. The off run is early-stopped: its first step
-    whose trailing-mean reward reaches the on run's final trailing-mean reward. If it never does, its step with
-    the highest trailing mean is taken and `reached` is False."""
+def match_checkpoint(rewards_off: list[float], rewards_on: list[float], window: int,
+                     steps: list[int] | None = None) -> dict:
+    """Rewards per evaluation of the NormGuard-off and -on runs, at the off run's `steps` (default 1..N: one
+    evaluation per step). The off run is early-stopped: its first evaluated step whose trailing-mean reward (over
+    `window` evaluations) reaches the on run's final trailing-mean reward. If it never does, its step with the
+    highest trailing mean is taken and `reached` is False."""
     if not rewards_off or not rewards_on:
         raise ValueError("need logged rewards of both runs")
+    steps = list(range(1, len(rewards_off) + 1)) if steps is None else list(steps)
+    if len(steps) != len(rewards_off):
+        raise ValueError(f"{len(steps)} steps for {len(rewards_off)} off-run rewards")
     off, target = trailing_mean(rewards_off, window), trailing_mean(rewards_on, window)[-1]
-    step = next((i + 1 for i, r in enumerate(off) if r >= target), None)
-    reached = step is not None
+    index = next((i for i, r in enumerate(off) if r >= target), None)
+    reached = index is not None
     if not reached:
-        step = max(range(len(off)), key=off.__getitem__) + 1
-    return {"step": step, "reached": reached, "target_reward": target, "matched_reward": off[step - 1]}
+        index = max(range(len(off)), key=off.__getitem__)
+    return {"step": steps[index], "reached": reached, "target_reward": target, "matched_reward": off[index]}
 
 
 def eval_reward_curve(metrics: list[dict]) -> list[float]:

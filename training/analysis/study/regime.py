@@ -178,6 +178,24 @@ def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None,
     return out
 
 
+def evaluate_finished(runs, out_dir: Path, workers: int) -> int:
+    """The evaluation stage over the finished runs (training.analysis.study.evaluation), resumable."""
+    from training.analysis.study.evaluation import evaluation_jobs
+    from training.analysis.study.jobs import spawn_context
+
+    finished = [(spec, cfg) for spec, cfg, _, done in runs if done]
+    todo = evaluation_jobs(finished, out_dir)
+    print(f"evaluate: {len(todo)} checkpoints to evaluate for {len(finished)} finished runs", flush=True)
+    started = time.time()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn_context()) as pool:
+        jobs = {pool.submit(fn, *args): path for fn, args, path in todo}
+        for n, future in enumerate(as_completed(jobs), 1):
+            result = future.result()  # a failed evaluation stops the stage (rerunning the command continues it)
+            print(f"[{n}/{len(todo)}, {(time.time() - started) / 60:.1f} min] {result['label']}: "
+                  f"{result.get('seconds', 0):.0f} s -> {jobs[future]}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.analysis.study.regime",
                                      description=__doc__.split("\n\n")[0])
@@ -190,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated subset of {list(METHOD_CONFIGS)} for the main-grid stages (default all)")
     parser.add_argument("--status", action="store_true", help="print how far each stage got; train nothing")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="evaluate the finished runs of these stages (protocol section 3); train nothing")
     args = parser.parse_args(argv)
     try:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -210,6 +230,8 @@ def main(argv=None) -> int:
         print(f"{stage}: {sum(r[3] for r in mine)} of {len(mine)} runs at {args.steps} steps", flush=True)
     if args.status:
         return 0
+    if args.evaluate:
+        return evaluate_finished(runs, Path(args.out), args.workers)
     # Seed-major order across the main-grid stages, so that an interrupted study leaves complete on/off pairs.
     todo = sorted(((spec, cfg) for spec, cfg, _, done in runs if not done),
                   key=lambda r: (r[0].stage != "sweep", r[0].seed))

@@ -1,0 +1,150 @@
+"""The regime study's evaluation stage (docs/study.md, protocol section 3): every instrument on the reference,
+on each finished run's final checkpoint and on each NormGuard-off run's matched checkpoint.
+
+    python -m training.analysis.study.regime --steps B --stages ... --evaluate
+
+One JSON per evaluated checkpoint, `<run>/eval/step-<N>.json` (the reference: `<out>/reference/<model>-<reward>
+.json`), written only when the evaluation is complete; an existing file is not recomputed, so a killed
+evaluation continues where it stopped. Each file also holds the plain 8-step samples of 8 captions, for the
+sample grids. The settings are the protocol's and are fixed here, once: 256 images (16 captions x 16), ODE,
+8 steps, evaluation seed 1000, few-step 2/4/8, renormalisation phi 0.5 and 1, the adjoint on 64 images, and
+2048 data images as the FD / MMD reference.
+
+Matching (the early-stopping control): the runs log the trainer's evaluation every 5 steps and NormGuard-off
+runs keep a checkpoint at each of those steps, so the off run is taken at an evaluated step
+(training.analysis.study.matching.match_checkpoint with the evaluated steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+EVAL = dict(samples_per_prompt=16, num_steps=8, few_steps=(2, 4, 8), rescale_phis=(0.5, 1.0),
+            adjoint_samples_per_prompt=4, seed=1000, sampler="ode")
+NUM_REFERENCE = 2048
+FEATURE_STEPS = 300
+MATCH_WINDOW = 3  # trailing mean over 3 evaluations (protocol section 3)
+
+
+def eval_settings(cfg) -> dict:
+    """The protocol's EvalSettings for a run's config, as plain data (it crosses the process boundary)."""
+    from training.analysis.evaluate import EvalSettings
+    from training.prompts import prompt_pool
+
+    return asdict(EvalSettings(prompts=prompt_pool(cfg), shift=cfg.sampling.shift,
+                               guidance_scale=cfg.sampling.guidance_scale, progress=False, **EVAL))
+
+
+def eval_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "eval" / f"step-{step}.json"
+
+
+def reference_path(out_dir: Path, cfg) -> Path:
+    """The reference (LoRA init) depends on the model and is scored by the run's reward, not its method."""
+    return Path(out_dir) / "reference" / f"{cfg.model.type}-{cfg.reward.name}.json"
+
+
+def evaluated_rewards(metrics: list[dict]) -> tuple[list[int], list[float]]:
+    """The trainer's evaluation reward at the steps it was evaluated (>= 1; step 0 is the reference's)."""
+    rows = sorted((r for r in metrics if r["step"] >= 1 and not math.isnan(r.get("eval_reward", math.nan))),
+                  key=lambda r: r["step"])
+    return [int(r["step"]) for r in rows], [r["eval_reward"] for r in rows]
+
+
+def matched_step(off_run: Path, on_run: Path) -> dict:
+    """The off run's early-stopped step against the on run's final evaluated reward (protocol section 3)."""
+    from training.analysis.study.matching import match_checkpoint
+    from training.tracking import read_csv
+
+    off_steps, off_rewards = evaluated_rewards(read_csv(Path(off_run) / "metrics.csv"))
+    _, on_rewards = evaluated_rewards(read_csv(Path(on_run) / "metrics.csv"))
+    return match_checkpoint(off_rewards, on_rewards, MATCH_WINDOW, steps=off_steps)
+
+
+def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: str) -> dict:
+    """Worker job: evaluates one checkpoint (None: the reference) and writes its JSON atomically."""
+    from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
+    from training.analysis.quality import FeatureNetSpec, ToyQuality
+    from training.config import config_from_dict
+    from training.rewards import build_reward
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_dict)
+    started = time.time()
+    model = build_eval_model(cfg, checkpoint)
+    reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    toy = cfg.model.toy
+    quality = ToyQuality(toy.image_size, toy.cache_dir, num_reference=NUM_REFERENCE, progress=False,
+                         spec=FeatureNetSpec(image_size=toy.image_size, train_steps=FEATURE_STEPS))
+    result = evaluate_checkpoint(model, reward, EvalSettings(**eval_settings(cfg)), quality=quality, label=label)
+    shown = result.shown[f"plain, {EVAL['num_steps']} steps"]
+    data = {"label": label, "checkpoint": checkpoint, "rows": result.rows, "ratio_by_step": result.ratio_by_step,
+            "adjoint": result.adjoint, "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
+            "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist()}}
+    _write_json(Path(path), data)
+    return data
+
+
+def data_floor(cfg_dict: dict, path: str) -> dict:
+    """Worker job: the proxies on 256 fresh data images with the evaluation captions (FD's and MMD's floor)."""
+    from training.analysis.quality import FeatureNetSpec, ToyQuality
+    from training.config import config_from_dict
+    from training.toy.data import render
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_dict)
+    toy = cfg.model.toy
+    settings = eval_settings(cfg)
+    captions = [p for p in settings["prompts"] for _ in range(EVAL["samples_per_prompt"])]
+    quality = ToyQuality(toy.image_size, toy.cache_dir, num_reference=NUM_REFERENCE, progress=False,
+                         spec=FeatureNetSpec(image_size=toy.image_size, train_steps=FEATURE_STEPS))
+    images = render(captions, toy.image_size, torch.Generator().manual_seed(EVAL["seed"]))
+    data = {"label": "data", **quality(images, captions)}
+    _write_json(Path(path), data)
+    return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def evaluation_jobs(finished: list[tuple[object, object]], out_dir: Path) -> list[tuple]:
+    """-> [(function, args, path)] still to do for the finished runs [(spec, cfg)]: the data floor, the reference
+    per (model, reward), every final checkpoint, and the matched checkpoint of each off run against each on run
+    of the same cell and seed (main grid only; the sweep needs final checkpoints alone)."""
+    jobs, seen = [], set()
+    by_label = {spec.label: (spec, cfg) for spec, cfg in finished}
+
+    def add(fn, args, path):
+        if path not in seen and not Path(path).is_file():
+            seen.add(path)
+            jobs.append((fn, args, path))
+
+    for spec, cfg in finished:
+        add(data_floor, (cfg.to_dict(), str(Path(out_dir) / "reference" / "data.json")),
+            str(Path(out_dir) / "reference" / "data.json"))
+        ref = str(reference_path(out_dir, cfg))
+        add(evaluate_to_file, (cfg.to_dict(), None, ref, "reference"), ref)
+        final = eval_path(cfg.run_dir, cfg.train.steps)
+        add(evaluate_to_file, (cfg.to_dict(), str(cfg.run_dir / "checkpoints" / f"step-{cfg.train.steps}"),
+                               str(final), spec.label), str(final))
+        if spec.stage.startswith("sd3") and not spec.off:
+            cell, _arm, seed = spec.label.rsplit("_", 2)
+            off_label = f"{cell}_off_{seed}"
+            if off_label not in by_label:
+                continue
+            off_spec, off_cfg = by_label[off_label]
+            step = matched_step(off_cfg.run_dir, cfg.run_dir)["step"]
+            path = eval_path(off_cfg.run_dir, step)
+            add(evaluate_to_file, (off_cfg.to_dict(), str(off_cfg.run_dir / "checkpoints" / f"step-{step}"),
+                                   str(path), f"{off_label}@{step}"), str(path))
+    return jobs
