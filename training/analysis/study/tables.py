@@ -125,7 +125,9 @@ class Run:
     margin: float = 0.0  # normguard.margin of its config
     form: tuple | None = None  # sweep forms: (lambda, margin, relative, squared, per_token)
     matched: dict | None = None  # on runs: {"step", "reached", "eval" (None: not evaluated)} of the paired off run
-    eval_seconds: float = 0.0  # the seconds of every evaluation JSON loaded for this run (final and matched)
+    eval_seconds: float = 0.0  # the seconds of its final evaluation (JSON "seconds")
+    run_dir: object = None  # where it lives, and its Config: set by the loader, unused by the tables
+    cfg: object = None
 
     @property
     def cell(self) -> tuple[str, str, str]:

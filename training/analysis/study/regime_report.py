@@ -1,0 +1,384 @@
+"""The regime study's report (docs/study.md, protocol sections 4-6): regime.md, its plots and sample grids.
+
+    python -m training.analysis.study.regime_report --steps B [--out outputs/study14]
+        [--stages sweep,sd3-off,sd3-adaptive,sd3-fixed] [--fixed-form lambda=...,margin=...,...] [--methods nft,...]
+
+It reads what the study wrote and trains or evaluates nothing: the runs are enumerated by
+training.analysis.study.regime.plan (the same identities as the runs themselves), and each run's status.json,
+metrics.csv, and evaluation JSONs (training.analysis.study.evaluation: the final checkpoint's, and for each
+NormGuard-on run its off partner's matched checkpoint) are loaded where they exist. A missing file is reported
+as missing, never an error, so the report can be written at any point of a study that runs across sessions; a
+table with missing runs is labelled partial and gives intervals only where n >= 2 (protocol section 5).
+
+The statistics, the selection rule and the tables are training.analysis.study.tables' (pure functions); this
+module does the loading, the header (commit, date, machine, wall times), the T8 plot and the sample grids
+(training.grids.render_grid). Output, next to each other in --out: regime.md, regime_adaptive.png and
+regime_grid_<model>_<method>_<reward>_s<seed>.png.
+
+Stage sd3-fixed needs the fixed form. Without --fixed-form it takes the sweep's selection when the whole sweep
+is evaluated (and says so); otherwise the fixed arm is reported as not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training.analysis.study import tables
+from training.analysis.study.regime import MAIN_SEEDS, STAGES, SWEEP_SEEDS, form_label, parse_form, plan
+
+GRID_SEED = 0  # the protocol's sample grids: seed 0 of each main-grid cell (section 3)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def read_json(path: Path) -> dict | None:
+    """A JSON file, or None if it is missing or unreadable (a study still running may be mid-write elsewhere)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict] | None:
+    """metrics.csv rows sorted by step, one per step (the last logged row wins: a resumed run may repeat one)."""
+    from training.tracking import read_csv
+
+    try:
+        rows = read_csv(path)
+    except (OSError, ValueError):
+        return None
+    by_step = {int(r["step"]): r for r in rows if "step" in r and not math.isnan(r["step"])}
+    return [by_step[s] for s in sorted(by_step)] or None
+
+
+def _run_from_plan(spec, cfg, done: bool) -> tables.Run:
+    from training.analysis.study.evaluation import eval_path
+
+    ng = cfg.normguard
+    if spec.stage == "sweep":
+        form = None if spec.off else (ng.ng_lambda, ng.margin, ng.relative, ng.squared, ng.per_token)
+        arm, model = ("off" if form is None else form_label(*form)), "sd3"
+    else:
+        form = None
+        cell, arm, _seed = spec.label.rsplit("_", 2)
+        model = cell.split("_", 1)[0]
+    run_dir = Path(cfg.run_dir)
+    final_path = eval_path(run_dir, cfg.train.steps)
+    final = read_json(final_path)
+    run = tables.Run(label=spec.label, stage=spec.stage, model=model, method=cfg.method.name,
+                     reward=cfg.reward.name, arm=arm, seed=spec.seed, done=done, final=final,
+                     metrics=read_metrics(run_dir / "metrics.csv"), status=read_json(run_dir / "status.json"),
+                     margin=float(ng.margin), form=form, run_dir=run_dir, cfg=cfg,
+                     eval_seconds=float(final.get("seconds", 0.0)) if final else 0.0)
+    return run
+
+
+def attach_matched(runs: list[tables.Run]) -> None:
+    """For each finished NormGuard-on run of the main grid: its off partner's matched step (evaluation.matched_step,
+    the protocol's early-stopping control) and that checkpoint's evaluation, None where not evaluated."""
+    from training.analysis.study.evaluation import eval_path, matched_step
+
+    off = {(r.cell, r.seed): r for r in runs if r.stage != "sweep" and r.arm == "off"}
+    for r in runs:
+        if r.stage == "sweep" or r.arm == "off" or not r.done:
+            continue
+        partner = off.get((r.cell, r.seed))
+        if partner is None or not partner.done:
+            continue
+        try:
+            m = matched_step(partner.run_dir, r.run_dir)
+        except (OSError, ValueError, KeyError):
+            continue  # no logged rewards to match on: reported as not matched
+        path = eval_path(partner.run_dir, m["step"])
+        ev = read_json(path)
+        r.matched = {**m, "eval": ev, "path": str(path)}
+
+
+def load_stage_runs(stages: list[str], steps: int, out_dir: Path, fixed_form=None, methods=None) -> list[tables.Run]:
+    runs = [_run_from_plan(spec, cfg, done) for spec, cfg, _, done in plan(stages, steps, out_dir, fixed_form, methods)]
+    attach_matched(runs)
+    return runs
+
+
+def references(runs: list[tables.Run], out_dir: Path) -> dict[str, dict]:
+    """{'<model.type>-<reward>': the reference's evaluation} for the rewards of these runs, and 'data': the floor."""
+    from training.analysis.study.evaluation import reference_path
+
+    out = {}
+    for r in runs:
+        path = reference_path(out_dir, r.cfg)
+        if path.stem not in out and (ev := read_json(path)) is not None:
+            out[path.stem] = ev
+    if (data := read_json(Path(out_dir) / "reference" / "data.json")) is not None:
+        out["data"] = data
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- header
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def wall_times(runs: list[tables.Run], refs: dict[str, dict]) -> tuple[float, float, int, int]:
+    """(sum of the runs' status.json seconds, sum of the evaluations' seconds, runs counted, evaluations counted);
+    an evaluation shared by several runs (a matched checkpoint) is counted once."""
+    run_s = sum(float(r.status.get("seconds", 0.0)) for r in runs if r.status)
+    seen, eval_s = set(), 0.0
+    for r in runs:
+        if r.final is not None:
+            seen.add(("final", r.label))
+            eval_s += r.eval_seconds
+        if r.matched and r.matched.get("eval") is not None and r.matched["path"] not in seen:
+            seen.add(r.matched["path"])
+            eval_s += float(r.matched["eval"].get("seconds", 0.0))
+    for name, ev in refs.items():
+        seen.add(("ref", name))
+        eval_s += float(ev.get("seconds", 0.0))
+    return run_s, eval_s, sum(1 for r in runs if r.status), len(seen)
+
+
+# ----------------------------------------------------------------------------------------------- plots and grids
+def plot_adaptive(runs: list[tables.Run], path: Path) -> Path | None:
+    """T8: lambda and the logged training ratio vs step, one line per adaptive run (1 + margin dashed)."""
+    from training.analysis.io import pyplot
+    from training.tracking import save_figure
+
+    ad = [r for r in runs if r.arm == "adaptive" and r.metrics]
+    if not ad:
+        return None
+    plt = pyplot()
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4))
+    for r in ad:
+        steps = [m["step"] for m in r.metrics]
+        name = f"{r.method} {r.reward} s{r.seed}"
+        ax_l.plot(steps, [m.get("ng_lambda", math.nan) for m in r.metrics], lw=0.8, label=name)
+        ax_r.plot(steps, [m.get("norm_ratio", math.nan) for m in r.metrics], lw=0.8, label=name)
+    for margin in sorted({r.margin for r in ad}):
+        ax_r.axhline(1 + margin, color="black", ls="--", lw=0.8)
+        for d in (-tables.RATIO_TOLERANCE, tables.RATIO_TOLERANCE):
+            ax_r.axhline(1 + margin + d, color="gray", ls=":", lw=0.8)
+    ax_l.set_ylabel("lambda (dual variable)")
+    ax_r.set_ylabel("logged training ratio ||v|| / ||v_ref||")
+    for ax in (ax_l, ax_r):
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    ax_r.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def _cells(ev: dict, reward, is_reference: bool):
+    """An evaluation's stored samples -> (prompts, [training.grids.Cell]). The reward is the run's, re-scored on
+    the stored uint8 images; the per-image ratio is the stored one where the JSON has it (the reference: 1)."""
+    import numpy as np
+    import torch
+
+    from training.grids import Cell
+
+    samples = ev.get("samples") or {}
+    prompts, images = samples.get("prompts"), samples.get("images")
+    if not prompts or images is None:
+        return None, None
+    arr = np.asarray(images, dtype=np.uint8)  # [N, 3, H, W]
+    rewards = [math.nan] * len(prompts)
+    if reward is not None:
+        rewards = reward(torch.from_numpy(arr).float() / 255, list(prompts)).float().tolist()
+    ratios = samples.get("ratio") or [1.0 if is_reference else math.nan] * len(prompts)
+    return list(prompts), [Cell(img.transpose(1, 2, 0).copy(), float(q), float(v))
+                           for img, q, v in zip(arr, rewards, ratios)]
+
+
+def sample_grids(runs: list[tables.Run], refs: dict[str, dict], out_dir: Path, seed: int = GRID_SEED) -> list[Path]:
+    """One grid per main-grid cell at `seed`: rows reference, off, adaptive, fixed (those evaluated), columns the
+    evaluation's 8 captions."""
+    from training.grids import render_grid, save_png
+    from training.rewards import build_reward
+
+    main = [r for r in runs if r.stage != "sweep" and r.seed == seed]
+    paths = []
+    for cell in sorted({r.cell for r in main}):
+        mine = {r.arm: r for r in main if r.cell == cell}
+        any_run = next(iter(mine.values()))
+        try:
+            reward = build_reward(any_run.cfg.reward.name, **any_run.cfg.reward.kwargs)
+        except (ValueError, OSError):
+            reward = None
+        ref_key = f"{any_run.cfg.model.type}-{any_run.reward}"
+        rows, prompts = [], None
+        sources = [("reference", refs.get(ref_key))] + [(arm, mine[arm].final if arm in mine else None)
+                                                        for arm in ("off", "adaptive", "fixed")]
+        for name, ev in sources:
+            if ev is None:
+                continue
+            p, cells = _cells(ev, reward, name == "reference")
+            if cells is None or (prompts is not None and p != prompts):
+                continue
+            prompts = p
+            rows.append((name if name == "reference" else f"{name} s{seed}", cells))
+        if len(rows) < 2:
+            continue  # nothing to compare yet
+        title = f"{' / '.join(cell)}  seed {seed}  final checkpoints, 8 steps  (reward re-scored on the uint8 images)"
+        paths.append(save_png(render_grid(rows, prompts, title), out_dir / f"regime_grid_{'_'.join(cell)}_s{seed}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- the report
+def _inventory(runs: list[tables.Run], stages: list[str]) -> str:
+    rows = []
+    for stage in stages:
+        mine = [r for r in runs if r.stage == stage]
+        if not mine:
+            continue
+        rows.append([stage, str(len(mine)), str(sum(r.done for r in mine)), str(sum(r.final is not None for r in mine))])
+    return tables._md_table(["stage", "runs planned", "finished (status.json at B)", "final checkpoint evaluated"],
+                            rows)
+
+
+def _reference_section(refs: dict[str, dict]) -> str:
+    rows = []
+    for name, ev in sorted(refs.items()):
+        r = ev if name == "data" else tables.row(ev)
+        if r is None:
+            continue
+        rows.append([name, *[tables.fmt(r.get(k), tables.DIGITS[k]) if r.get(k) is not None else "-"
+                             for k in ("reward_mean", "norm_inflation_pct", "fd", "attribute_acc", "pixel_mmd")]])
+    if not rows:
+        return "No reference evaluation yet.\n"
+    return (tables._md_table(["checkpoint", "reward", "inflation %", "FD", "attribute acc", "MMD"], rows) +
+            "\n\nThe reference is the LoRA init (8 steps, same noise); `data` is 256 fresh data images with the "
+            "evaluation captions, the floor of FD and MMD.\n")
+
+
+def sweep_section(runs: list[tables.Run]) -> tuple[str, tables.Selection | None]:
+    sweep = [r for r in runs if r.stage == "sweep"]
+    summaries = tables.sweep_summaries(sweep, SWEEP_SEEDS)
+    evaluated = sum(r.final is not None for r in sweep)
+    lines = ["### T7. Sweep (section 4)", "",
+             "*Tests:* which fixed form of NormGuard the `fixed` arm uses (section 4's selection rule, written "
+             "before the sweep ran); the whole table is published so a reader can pick a form for another trade-off. "
+             "sd3 toy, NFT, colorfulness, seeds 100 and 101. Each cell: mean over the seeds (each seed's value). "
+             "Final reward, inflation, FD, attribute accuracy and MMD: plain sampling, 8 steps, 256 images; final "
+             "train ratio: metrics.csv norm_ratio at the last logged step.", "",
+             "*Intervals in this table:* 0 (per-seed values; the selection rule uses the pooled s.e. of NG-off).", ""]
+    selection = None
+    if evaluated == len(sweep) and sweep:
+        off = next(f for f in summaries if f.label == "off")
+        selection = tables.select_form(off, [f for f in summaries if f.label != "off"])
+        lines += ["Complete: all {} sweep runs evaluated.".format(len(sweep)), "", "**Selection rule, step by step:**",
+                  "", *[f"{i}. {s}" for i, s in enumerate(selection.steps, 1)], "",
+                  f"Branch: {selection.branch}. Passing (1): {', '.join(selection.pass1) or 'none'}.", "",
+                  f"Passing (2): {', '.join(selection.pass2) or 'none'}.", ""]
+        if selection.branch != "rule 3":
+            lines += [f"**Fallback used ({selection.branch}): no form met the rule's conditions; see step (4).**", ""]
+    else:
+        lines += [f"**PARTIAL: {evaluated} of {len(sweep)} sweep runs evaluated, {len(sweep) - evaluated} missing "
+                  f"({sum(r.done for r in sweep)} finished). The selection rule is not applied until all are "
+                  f"evaluated.**", ""]
+    shown = [f for f in summaries if any(v is not None for vals in f.per_seed.values() for v in vals)]
+    if shown:
+        lines += [tables.sweep_table(shown, selection), ""]
+    missing = [f.label for f in summaries if f not in shown]
+    if missing:
+        lines += [f"Forms with no evaluated seed ({len(missing)}): {', '.join(missing)}.", ""]
+    return "\n".join(lines) + "\n", selection
+
+
+def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables.Run], selection,
+                 fixed_note: str, argv: list[str]) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    refs = references(runs, out_dir)
+    run_s, eval_s, n_runs, n_evals = wall_times(runs, refs)
+    parts = [
+        f"# The regime study (issue 14): report at B = {steps} steps", "",
+        f"- Commit: {git_commit()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"- Machine (where this report was written): {platform.platform()}, {os.cpu_count()} CPU cores.",
+        f"- Wall time of the runs: {run_s / 3600:.2f} h ({run_s:.0f} s, the sum of status.json seconds over {n_runs} "
+        f"runs, one worker each).",
+        f"- Wall time of the evaluations: {eval_s / 3600:.2f} h ({eval_s:.0f} s over {n_evals} evaluation files).",
+        f"- Command: `python -m training.analysis.study.regime_report {' '.join(argv)}`",
+        f"- Protocol: docs/study.md, 'Protocol of the regime study' (sections 3-6). Differences are arm - off per "
+        f"seed; intervals are 95 % t-intervals over seeds (t = 12.71 at n = 2, 4.303 at n = 3), none at n = 1. "
+        f"FD and MMD: lower is better; attribute accuracy: higher is better.", "",
+        "## Runs", "", _inventory(runs, stages), "", "## Reference points", "", _reference_section(refs),
+    ]
+    if fixed_note:
+        parts += [fixed_note, ""]
+    if "sweep" in stages:
+        parts += ["## The sweep", "", sweep_section(runs)[0]]  # the same selection as `selection`
+    main = [r for r in runs if r.stage != "sweep"]
+    if main:
+        parts += ["## The main grid", ""]
+        parts += [t.render() for t in tables.main_tables(main, MAIN_SEEDS)]
+        plot = plot_adaptive(main, out_dir / "regime_adaptive.png")
+        if plot is not None:
+            parts += ["T8's lambda trajectory and logged ratio per adaptive run:", "", f"![adaptive]({plot.name})", ""]
+        grids = sample_grids(main, refs, out_dir)
+        parts += ["## Sample grids (seed 0, final checkpoints, the evaluation's 8 captions)", ""]
+        parts += [f"![{p.stem}]({p.name})\n" for p in grids] or ["No main-grid cell has an evaluated run yet.\n"]
+    path = out_dir / "regime.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m training.analysis.study.regime_report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, required=True, help="the RL budget B of the runs to report")
+    parser.add_argument("--out", default="outputs/study14", help="the study's output directory (default outputs/study14)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
+    parser.add_argument("--fixed-form", default=None,
+                        help="the fixed arm's form (regime.py's --fixed-form); default: the sweep's selection")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of methods for the main grid")
+    args = parser.parse_args(argv)
+    try:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if unknown := [s for s in stages if s not in STAGES]:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        fixed = parse_form(args.fixed_form) if args.fixed_form else None
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    except ValueError as err:
+        print(f"regime report error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    runs, selection, note = [], None, ""
+    if "sweep" in stages:
+        runs += load_stage_runs(["sweep"], args.steps, out_dir)
+        _, selection = sweep_section(runs)
+    main_stages = [s for s in stages if s != "sweep"]
+    if "sd3-fixed" in main_stages:
+        chosen = selection.chosen_form if selection else None
+        if fixed is None and chosen is not None:
+            fixed = chosen
+            note = f"The fixed arm is the sweep's selection, {tables.form_string(chosen)} (no --fixed-form given)."
+        elif fixed is None:
+            main_stages.remove("sd3-fixed")
+            note = ("**The fixed arm is not reported:** no --fixed-form was given and the sweep's selection is not "
+                    "available (the sweep is not complete or not among --stages).")
+        elif chosen is not None and tuple(fixed) != tuple(chosen):
+            note = (f"**Warning:** --fixed-form {tables.form_string(fixed)} differs from the sweep's selection "
+                    f"{tables.form_string(chosen)}.")
+        else:
+            note = f"The fixed arm's form: {tables.form_string(fixed)}."
+    if main_stages:
+        runs += load_stage_runs(main_stages, args.steps, out_dir, fixed, methods)
+    path = write_report(out_dir, args.steps, stages, runs, selection, note, argv)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
