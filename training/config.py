@@ -454,10 +454,11 @@ def validate(cfg: Config) -> Config:
                          f"({toy.patch_size})")
     from training.models.registry import MODELS  # a leaf module: no cycle (its package registers the built-ins)
     from training.rewards.registry import REWARDS
+    from training.toy import is_toy
 
     if cfg.model.type not in MODELS:
         raise ValueError(f"config key 'model.type' must be one of {sorted(MODELS)}, got {cfg.model.type!r}")
-    if cfg.model.type != "toy" and not cfg.model.path:
+    if not is_toy(cfg.model.type) and not cfg.model.path:
         raise ValueError(f"model.type={cfg.model.type!r} needs model.path (a local diffusers pipeline folder)")
     if cfg.reward.name not in REWARDS:
         raise ValueError(f"config key 'reward.name' must be one of {sorted(REWARDS)}, got {cfg.reward.name!r}")
@@ -466,7 +467,7 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"config key 'log.trackers': unknown tracker(s) {unknown}; known: {list(TRACKERS)}")
     if cfg.rollout.prompt_file and not Path(cfg.rollout.prompt_file).is_file():
         raise ValueError(f"rollout.prompt_file {cfg.rollout.prompt_file!r} does not exist")
-    if cfg.model.type != "toy" and not (cfg.rollout.prompts or cfg.rollout.prompt_file):
+    if not is_toy(cfg.model.type) and not (cfg.rollout.prompts or cfg.rollout.prompt_file):
         raise ValueError("sd3/flux runs need prompts: set rollout.prompts or rollout.prompt_file")
     return cfg
 

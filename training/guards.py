@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from training.toy import is_toy
+
 
 def check_prompt_file(path: str) -> None:
     """`rollout.prompt_file` must exist, be readable text and hold at least one non-empty line."""
@@ -38,7 +40,7 @@ def check_prompt_file(path: str) -> None:
 def check_model_folder(model_type: str, path: str) -> None:
     """A diffusers pipeline folder for sd3 / flux: model_index.json and, for every component it lists (the
     transformer first), a subfolder with its config file."""
-    if model_type == "toy":
+    if is_toy(model_type):
         return
     folder = Path(path).expanduser()
     if not folder.is_dir():

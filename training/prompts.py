@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from training.toy import is_toy
 from training.toy.data import CAPTIONS
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def prompt_pool(cfg: "Config") -> list[str]:
     if cfg.rollout.prompt_file:
         with open(cfg.rollout.prompt_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and cfg.model.type == "toy":
+    if not prompts and is_toy(cfg.model.type):
         prompts = list(CAPTIONS)
     if not prompts:
         raise ValueError("no prompts: set rollout.prompts or rollout.prompt_file")

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from training.checkpoint import latest_checkpoint
     from training.prompts import prompt_pool
     from training.rewards import build_reward
+    from training.toy import is_toy
 
     run_dir = Path(args.run_dir)
     try:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     model = build_eval_model(cfg, checkpoint)
     reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
     quality = None
-    if cfg.model.type == "toy":
+    if is_toy(cfg.model.type):
         from training.analysis.quality import ToyQuality
 
         quality = ToyQuality(cfg.model.toy.image_size, cfg.model.toy.cache_dir)

@@ -1,10 +1,10 @@
 """Model registry: `@register_model(name)` on a builder `(cfg: Config) -> FlowModel`; `build_model(cfg)`.
 
 The registry itself is the leaf module registry.py (training.config reads it from there). Built-ins, registered
-when this package is imported: "toy" (toy.py, the embedded default), "sd3" (sd3.py, a local
-StableDiffusion3Pipeline folder), "flux" (flux.py). `build_model` then sets up LoRA / full fine-tuning from
-`cfg.finetune`, so builders only construct the model (frozen weights, text encoders, VAE) and never touch
-adapters.
+when this package is imported: "toy" (toy.py, the embedded default), "toy_flux" (toy_flux.py, its
+FLUX-architecture twin), "sd3" (sd3.py, a local StableDiffusion3Pipeline folder), "flux" (flux.py).
+`build_model` then sets up LoRA / full fine-tuning from `cfg.finetune`, so builders only construct the model
+(frozen weights, text encoders, VAE) and never touch adapters.
 """
 
 from __future__ import annotations
@@ -33,5 +33,6 @@ def build_model(cfg: "Config") -> FlowModel:
 from training.models import flux  # noqa: E402,F401  (registers "flux")
 from training.models import sd3  # noqa: E402,F401  (registers "sd3")
 from training.models import toy  # noqa: E402,F401  (registers "toy")
+from training.models import toy_flux  # noqa: E402,F401  (registers "toy_flux")
 
 __all__ = ["MODELS", "FlowModel", "DEFAULT_ADAPTER", "register_model", "build_model"]

@@ -40,6 +40,28 @@ def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) 
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
 
 
+def flux_velocity(transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                  pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """One `FluxTransformer2DModel` call on image-shaped latents [B, C, H, W] -> velocity of the same shape.
+
+    Packs the latents into 2x2 tokens with their (0, row, col) ids, gives the text tokens ids 0 and passes
+    timestep = sigma (the transformer multiplies by 1000 itself); computed in the transformer's dtype. Shared by
+    the pipeline model below and the pixel-space toy (training.models.toy_flux), so both call FLUX the same way."""
+    dtype = next(transformer.parameters()).dtype
+    _, _, h, w = latents.shape
+    out = transformer(
+        hidden_states=pack_latents(latents).to(dtype),
+        encoder_hidden_states=text.to(dtype),
+        pooled_projections=pooled.to(dtype),
+        timestep=sigma.to(dtype),
+        img_ids=latent_image_ids(h, w, latents.device, dtype),
+        txt_ids=torch.zeros(text.shape[1], 3, device=latents.device, dtype=dtype),
+        guidance=None if guidance is None else guidance.to(dtype),
+        return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w).to(latents.dtype)
+
+
 class FluxFlowModel(PipelineFlowModel):
     """FLUX.1 over a local FluxPipeline: packed 2x2 tokens, timestep = sigma, distilled guidance if embedded."""
 
@@ -69,23 +91,11 @@ class FluxFlowModel(PipelineFlowModel):
         return cond
 
     def predict_velocity(self, transformer, latents, sigma, cond):
-        dtype = next(transformer.parameters()).dtype
-        b, _, h, w = latents.shape
-        text = cond["encoder_hidden_states"]
         guidance = cond.get("guidance") if self.guidance_embeds else None
         if self.guidance_embeds and guidance is None:
             raise ValueError("this FLUX transformer embeds guidance: cond needs a 'guidance' tensor [B]")
-        out = transformer(
-            hidden_states=pack_latents(latents).to(dtype),
-            encoder_hidden_states=text.to(dtype),
-            pooled_projections=cond["pooled_projections"].to(dtype),
-            timestep=sigma.to(dtype),
-            img_ids=latent_image_ids(h, w, latents.device, dtype),
-            txt_ids=torch.zeros(text.shape[1], 3, device=latents.device, dtype=dtype),
-            guidance=None if guidance is None else guidance.to(dtype),
-            return_dict=False,
-        )[0]
-        return unpack_latents(out, h, w).to(latents.dtype)
+        return flux_velocity(transformer, latents, sigma, cond["encoder_hidden_states"], cond["pooled_projections"],
+                             guidance)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token norms over FLUX's own tokens, the packed 2x2 patches: [B, (H/2)(W/2), 4C]."""

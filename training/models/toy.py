@@ -63,18 +63,18 @@ def tiny_sd3_transformer(toy) -> nn.Module:
         pos_embed_max_size=toy.image_size // toy.patch_size, dual_attention_layers=(), qk_norm="rms_norm")
 
 
-class ToyFlowModel(FlowModel):
-    def __init__(self, toy):
-        super().__init__(tiny_sd3_transformer(toy), (3, toy.image_size, toy.image_size))
+class PixelToyModel(FlowModel):
+    """What every toy architecture shares: pixel-space latents [3, S, S] in [-1, 1] and the learned CaptionEncoder.
+    A subclass passes its (already built) transformer and implements `predict_velocity`. The transformer is built
+    before the caption encoder, so under the pretraining seed both get the same initial weights as before this
+    base class existed."""
+
+    def __init__(self, transformer: nn.Module, toy):
+        super().__init__(transformer, (3, toy.image_size, toy.image_size))
         self.captions = CaptionEncoder()
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.captions(prompts)
-
-    def predict_velocity(self, transformer, latents, sigma, cond):
-        return transformer(hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"],
-                           pooled_projections=cond["pooled_projections"], timestep=sigma * 1000,
-                           return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)
@@ -82,6 +82,18 @@ class ToyFlowModel(FlowModel):
     @staticmethod
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         return images * 2 - 1
+
+
+class ToyFlowModel(PixelToyModel):
+    """The SD3-architecture toy (`model.type=toy`)."""
+
+    def __init__(self, toy):
+        super().__init__(tiny_sd3_transformer(toy), toy)
+
+    def predict_velocity(self, transformer, latents, sigma, cond):
+        return transformer(hidden_states=latents, encoder_hidden_states=cond["encoder_hidden_states"],
+                           pooled_projections=cond["pooled_projections"], timestep=sigma * 1000,
+                           return_dict=False)[0]
 
 
 def pretrained_toy(toy, progress: bool = True) -> ToyFlowModel:

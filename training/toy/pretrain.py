@@ -27,14 +27,16 @@ from training.toy.data import CAPTIONS, render
 CACHE_VERSION = 1
 
 
-def cache_path(toy) -> Path:
+def cache_path(toy, name: str = "toy") -> Path:
+    """cache_dir/<name>-reference-<hash of the toy config>.pt. `name` tells the toy architectures apart ("toy":
+    the SD3 toy, "toy-flux": the FLUX toy): they share one ToyConfig, hence one hash, but not their weights."""
     spec = {k: v for k, v in dataclasses.asdict(toy).items() if k != "cache_dir"}
     spec["version"] = CACHE_VERSION
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(toy.cache_dir) / f"toy-reference-{digest}.pt"
+    return Path(toy.cache_dir) / f"{name}-reference-{digest}.pt"
 
 
-def pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True) -> FlowModel:
+def pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True, name: str = "toy") -> FlowModel:
     """Flow matching on freshly rendered images: sigma ~ logit-normal, x_t = (1-sigma) x0 + sigma eps, u = eps - x0.
 
     `new_model()` is called once, after the seed is set, so its initial weights are reproducible too."""
@@ -45,7 +47,7 @@ def pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True) -> 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(toy.pretrain_steps, 1),
                                                           eta_min=0.1 * toy.pretrain_lr)
     model.train()
-    bar = tqdm(range(toy.pretrain_steps), desc="pretrain toy reference", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(toy.pretrain_steps), desc=f"pretrain {name} reference", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         idx = torch.randint(len(CAPTIONS), (toy.pretrain_batch_size,), generator=generator).tolist()
         captions = [CAPTIONS[i] for i in idx]
@@ -67,14 +69,15 @@ def pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True) -> 
     return model
 
 
-def load_or_pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True) -> FlowModel:
-    """The pretrained reference: loaded from the cache, or pretrained (by the main process first) and cached."""
+def load_or_pretrain(toy, new_model: Callable[[], FlowModel], progress: bool = True, name: str = "toy") -> FlowModel:
+    """The pretrained reference: loaded from the cache (`cache_path(toy, name)`), or pretrained (by the main process
+    first) and cached."""
     from accelerate import PartialState
 
-    path = cache_path(toy)
+    path = cache_path(toy, name)
     with PartialState().main_process_first():
         if not path.is_file():
-            model = pretrain(toy, new_model, progress=progress)
+            model = pretrain(toy, new_model, progress=progress, name=name)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(model.state_dict(), tmp)

@@ -53,10 +53,11 @@ def run_configs(base_overrides: list[str], out_dir: Path, seeds: tuple[int, ...]
     """(method, "off"/"on", seed) -> Config. Per seed the same seed and budget for all; a checkpoint and the
     trainer's evaluation (fixed noise, the policy's own samples) every step, for the matched-reward control."""
     from training.config import load_config
+    from training.toy import is_toy
 
     base = load_config(None, base_overrides)
-    if base.model.type != "toy":
-        raise ValueError("the study runs on the embedded toy (model.type=toy)")
+    if not is_toy(base.model.type):
+        raise ValueError(f"the study runs on an embedded toy (model.type=toy or toy_flux), got {base.model.type!r}")
     if base.normguard.ng_lambda <= 0:
         raise ValueError("the base config must have NormGuard on (normguard.ng_lambda > 0); 'off' sets it to 0")
     if not seeds:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +25,7 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
               command: str = "run_study()") -> Path:
     """Runs the whole study into out_dir; -> the path of study.md. `command` is recorded in the report."""
     from training.tracking import read_csv as read_metrics
-    from training.models.toy import pretrained_toy
+    from training.models.registry import MODELS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +34,8 @@ def run_study(out_dir: str | Path, settings: StudySettings, progress: bool = Tru
     any_cfg = next(iter(cfgs.values()))
     toy = any_cfg.model.toy
     # the shared caches first, in this process, so the workers only load them
-    pretrained_toy(toy, progress=progress)
+    # the builder of the study's toy (model.type toy or toy_flux) pretrains its reference into the cache
+    MODELS.lookup(any_cfg.model.type)(replace(any_cfg, log=replace(any_cfg.log, progress=progress)))
     spec = FeatureNetSpec(image_size=toy.image_size, train_steps=settings.feature_steps)
     load_or_train_feature_net(spec, toy.cache_dir, progress=progress)
     prep_seconds = time.time() - started
