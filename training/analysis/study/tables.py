@@ -205,7 +205,9 @@ class FormSummary:
 
     @property
     def complete(self) -> bool:
-        return all(v is not None for vals in self.per_seed.values() for v in vals)
+        """Every seed evaluated (the logged training ratio is shown, not used by the selection)."""
+        return all(v is not None for k, vals in self.per_seed.items() if k != "final_ratio" for v in vals) and \
+            all(v is not None for v in self.reward_std)
 
     def se(self) -> float:
         return pooled_se(self.per_seed["reward_mean"], self.reward_std)
