@@ -144,3 +144,16 @@ def test_evaluation_stage_writes_each_checkpoint_once(tmp_path, toy_cache, monke
             assert {"reward_mean", "fd", "attribute_acc", "pixel_mmd", "norm_inflation_pct"} <= set(stored["rows"][0])
             assert len(stored["samples"]["images"]) == len(stored["samples"]["prompts"]) > 0
     assert evaluation.evaluation_jobs(finished, tmp_path / "study") == []
+
+
+def test_a_run_has_one_writer(tmp_path):
+    """A second process training the same run directory (e.g. a rerun while a killed driver's workers still train)
+    fails at once instead of appending to the same run."""
+    from training.analysis.study.regime import exclusive
+
+    with exclusive(tmp_path / "run"):
+        with pytest.raises(RuntimeError, match="being trained by another process"):
+            with exclusive(tmp_path / "run"):
+                pass
+    with exclusive(tmp_path / "run"):  # released when its holder ends
+        pass

@@ -1,7 +1,7 @@
 """The regime study (issue 14): the runs of docs/study.md's pre-registered protocol, in stages, resumable.
 
     python -m training.analysis.study.regime --steps B [--stages sweep,sd3-off,sd3-adaptive] [--out DIR]
-                                             [--workers 2] [--status]
+                                             [--methods nft,awm] [--workers 2] [--status | --evaluate]
 
 Each run is found by its identity: a hash of its whole config except `log.*` and `train.steps`. A finished run
 (its status.json says it reached the target step count) is not rerun. A run that was killed continues from its
@@ -16,8 +16,9 @@ The stages follow the protocol's section 7:
 - sd3-off / sd3-adaptive: nft, awm, dpo, grpo x caption_match, colorfulness x seeds 0, 1, 2, NormGuard off or
   adaptive (relative plain per-sample hinge, margin 0, lambda starting at 0, the config's dual step size);
 - sd3-fixed: the same cells with the sweep's chosen form, given as --fixed-form once the selection rule has run.
-The evaluation stage (every instrument and the three quality proxies on the final and matched checkpoints) and
-the flux stages come later. They are a separate step because training does not depend on them.
+`--evaluate` runs the evaluation stage over the finished runs of the named stages (training.analysis.study.
+evaluation: every instrument and the three quality proxies on the final and matched checkpoints), resumable too.
+The flux stages come later.
 
 Every run logs the trainer's evaluation every 5 steps. NormGuard-off runs keep a checkpoint every 5 steps for
 the early-stopping control; the others keep their last checkpoint (written every 25 steps, so a killed run
@@ -32,6 +33,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -145,6 +147,23 @@ def run_status(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@contextmanager
+def exclusive(run_dir: Path):
+    """One writer per run directory. Killing the driver does not kill its worker processes, so a rerun of the
+    command while they still train would otherwise have two processes appending to one run; the second one
+    fails at once with a one-line error instead (an OS lock: it is released when its holder dies)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is being trained by another process (a worker of an earlier, "
+                               f"killed study?); stop it first") from None
+        yield
+
+
 def train_run(cfg_dict: dict) -> dict:
     """One run to its target step count (worker process): fresh, resumed after a kill, or extended."""
     from training.checkpoint import latest_checkpoint
@@ -153,9 +172,10 @@ def train_run(cfg_dict: dict) -> dict:
 
     cfg = config_from_dict(cfg_dict)
     run_dir = cfg.run_dir
-    resume = latest_checkpoint(run_dir) is not None and (run_dir / "config.yaml").is_file()
-    started = time.time()
-    summary = train(cfg, resume=resume)
+    with exclusive(run_dir):
+        resume = latest_checkpoint(run_dir) is not None and (run_dir / "config.yaml").is_file()
+        started = time.time()
+        summary = train(cfg, resume=resume)
     status = {"steps": summary.steps, "seconds": time.time() - started, "rl_seconds": summary.seconds,
               "resumed": resume, "eval_reward": summary.reward_after, "norm_ratio": summary.norm_ratio,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
