@@ -87,8 +87,8 @@ def test_t4_paired_differences_and_verdict_on_a_grid():
     table = tables.t4_main(tables.Grid(grid_runs({"off": off, "adaptive": ad}), (0, 1, 2)))
     d_fd = tables.interval([-10, -11, -12])
     assert tables.fmt_interval(d_fd, 2) in table.markdown  # -11.00 [-13.48, -8.52]
-    assert "| better |" in table.markdown and "costs reward" in table.markdown
-    assert table.intervals == 5 and not table.partial
+    assert "| better | yes |" in table.markdown  # better quality, and it costs reward
+    assert table.intervals == 5 and table.missing == ["arm fixed: no run in this report"]
     # the mirror: the arm worse on FD and MMD
     worse = [dict(fd=120, acc=0.5, mmd=0.2), dict(fd=131, acc=0.6, mmd=0.22), dict(fd=127, acc=0.55, mmd=0.215)]
     table = tables.t4_main(tables.Grid(grid_runs({"off": off, "fixed": worse}), (0, 1, 2)))
@@ -242,7 +242,7 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
     assert "-12.00 [-37.42, +13.42]" in text
     assert "-5.00 (n=1, no interval)" in text  # colorfulness: one seed, no interval
     assert "**PARTIAL**" in text and "no verdict (n < 2)" in text
-    assert "finished, not evaluated" in text and "not finished" in text
+    assert "finished, not evaluated" in text and "not finished" in text and "## Missing" in text
     assert "matched off checkpoint step 15 not evaluated" in text  # s1's matched checkpoint
     assert "Wall time of the runs" in text and "Commit:" in text
     assert (tmp_path / "regime_adaptive.png").is_file()

@@ -319,13 +319,17 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
     main = [r for r in runs if r.stage != "sweep"]
     if main:
         parts += ["## The main grid", ""]
-        parts += [t.render() for t in tables.main_tables(main, MAIN_SEEDS)]
+        main_tables = tables.main_tables(main, MAIN_SEEDS)
+        parts += [t.render() for t in main_tables]
         plot = plot_adaptive(main, out_dir / "regime_adaptive.png")
         if plot is not None:
             parts += ["T8's lambda trajectory and logged ratio per adaptive run:", "", f"![adaptive]({plot.name})", ""]
         grids = sample_grids(main, refs, out_dir)
         parts += ["## Sample grids (seed 0, final checkpoints, the evaluation's 8 captions)", ""]
         parts += [f"![{p.stem}]({p.name})\n" for p in grids] or ["No main-grid cell has an evaluated run yet.\n"]
+        missing = sorted({m for t in main_tables for m in t.missing})
+        parts += [f"## Missing ({len(missing)}: main-grid runs and evaluations the tables above need)", "",
+                  *([f"- {m}" for m in missing] or ["None."]), ""]
     path = out_dir / "regime.md"
     path.write_text("\n".join(parts))
     return path

@@ -374,12 +374,13 @@ class Table:
     markdown: str
     intervals: int
     partial: bool
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # flags (e.g. a matched step not reached)
+    missing: list[str] = field(default_factory=list)  # runs / evaluations it needs that do not exist yet
 
     def render(self) -> str:
-        status = ("**PARTIAL**: some runs or evaluations are missing (listed below); intervals only where n >= 2, "
-                  "and no conclusion about NormGuard is drawn from a partial grid." if self.partial
-                  else "Complete.")
+        status = (f"**PARTIAL**: {len(self.missing)} of the runs or evaluations it needs are missing (listed under "
+                  f"'Missing'); intervals only where n >= 2, and no conclusion about NormGuard is drawn from a "
+                  f"partial grid." if self.partial else "Complete.")
         out = [f"### {self.name}", "", f"*Tests:* {self.claim}", "",
                f"*Intervals in this table:* {self.intervals} (95 %, no correction for multiple comparisons). "
                f"{status}", "", self.markdown]
@@ -396,6 +397,8 @@ class Grid:
         self.seeds = seeds
         self.cells = sorted({r.cell for r in runs})
         self.arms = [a for a in ("fixed", "adaptive") if any(r.arm == a for r in runs)]
+        # an arm of the protocol with no run in this report (stage not requested, or no fixed form yet)
+        self.absent = [f"arm {a}: no run in this report" for a in ("fixed", "adaptive") if a not in self.arms]
 
     def get(self, cell, arm, seed) -> Run | None:
         return self.runs.get((cell, arm, seed))
@@ -420,6 +423,8 @@ def _cell_name(cell) -> str:
 
 
 def _verdict_text(v: str | None, n: int, full_n: int) -> str:
+    if n == 0:
+        return "missing"
     if v is None:
         return "no verdict (n < 2)" if n < 2 else "no verdict (missing measure)"
     return v if n >= full_n else f"{v} (partial, n={n})"
@@ -452,7 +457,7 @@ def t1_inflation(grid: Grid) -> Table:
                     "mean [95 % CI]", "holds (interval > 0)", "in the paper's 5-15 %"], rows)
     return Table("T1. Inflation (claim 1)", "claim 1, the velocity norm grows 5-15 % over the reference's: NG-off "
                  "sampling-time inflation (8 steps) per cell; holds if its interval lies above 0.", md, count,
-                 bool(notes), notes)
+                 bool(notes), missing=notes)
 
 
 def t2_renorm(grid: Grid) -> Table:
@@ -478,7 +483,7 @@ def t2_renorm(grid: Grid) -> Table:
     return Table("T2. Renormalisation (claim 2)", "claim 2, rescaling v to ||v_ref|| at inference improves neither "
                  "reward nor quality: NG-off final checkpoints, (phi = 1) minus plain, 8 steps, same noise. Improves "
                  "if the reward interval lies above 0, or 2 of 3 quality intervals are on the good side and none on "
-                 "the bad side.", md, count, bool(notes), notes)
+                 "the bad side.", md, count, bool(notes), missing=notes)
 
 
 def t3_adjoint(grid: Grid) -> Table:
@@ -501,7 +506,7 @@ def t3_adjoint(grid: Grid) -> Table:
                     "coherent (outside +-0.5)", "claim holds"], rows)
     return Table("T3. Adjoint (claim 3)", "claim 3, no coherent first-order reward signal in the velocity magnitude: "
                  "NG-off final checkpoints, uniform scale (all steps at once) dR/d alpha, mean/std over the batch; "
-                 "coherent if its interval lies outside [-0.5, 0.5].", md, count, bool(notes), notes)
+                 "coherent if its interval lies outside [-0.5, 0.5].", md, count, bool(notes), missing=notes)
 
 
 def _arm_rows(grid: Grid, off_evals, arm_evals_fn):
@@ -517,7 +522,7 @@ def _arm_rows(grid: Grid, off_evals, arm_evals_fn):
             cost = costs_reward(ivs["reward_mean"])
             cells = [_cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
                      _verdict_text(v, n, len(grid.seeds)),
-                     "n/a (n < 2)" if cost is None else ("costs reward" if cost else "no")]
+                     "n/a (n < 2)" if cost is None else ("yes" if cost else "no")]
             rows.append(cells)
             notes += grid.missing(cell, [arm])
         notes += grid.missing(cell, ["off"])
@@ -525,15 +530,16 @@ def _arm_rows(grid: Grid, off_evals, arm_evals_fn):
 
 
 ARM_HEADER = ["cell", "arm", "n", "d reward", "d inflation (pp)", "d FD", "d attribute acc", "d MMD", "verdict",
-              "reward"]
+              "costs reward"]
 
 
 def t4_main(grid: Grid) -> Table:
     rows, count, notes = _arm_rows(grid, lambda c: grid.evals(c, "off"), grid.evals)
+    notes += grid.absent
     return Table("T4. NormGuard at the end of training (main)", "claim 4 (NormGuard improves quality): arm - off at "
                  "the final checkpoint, paired by seed; verdict of section 5 over FD (lower better), attribute "
                  "accuracy (higher better) and MMD (lower better).", _md_table(ARM_HEADER, rows), count,
-                 bool(notes) or not grid.arms, notes)
+                 bool(notes), missing=notes)
 
 
 def matched_evals(grid: Grid, cell, arm) -> dict[int, dict]:
@@ -547,7 +553,7 @@ def matched_evals(grid: Grid, cell, arm) -> dict[int, dict]:
 
 
 def t5_early_stopping(grid: Grid) -> Table:
-    rows, count, notes = [], 0, []
+    rows, count, notes, missing = [], 0, [], []
     for cell in grid.cells:
         for arm in grid.arms:
             on, off = grid.evals(cell, arm), matched_evals(grid, cell, arm)
@@ -569,17 +575,17 @@ def t5_early_stopping(grid: Grid) -> Table:
                     notes.append(f"{r.label}: the off run never reached the arm's final reward; matched at its best "
                                  f"step {m['step']} (flagged)")
                 if m.get("eval") is None:
-                    notes.append(f"{r.label}: matched off checkpoint step {m['step']} not evaluated")
+                    missing.append(f"{r.label}: matched off checkpoint step {m['step']} not evaluated")
             holds = "n/a" if v is None else ("yes" if v == "better" else "no")
             rows.append([_cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
                          _verdict_text(v, n, len(grid.seeds)),
-                         "n/a (n < 2)" if cost is None else ("costs reward" if cost else "no"), "; ".join(steps), holds])
-            notes += grid.missing(cell, [arm, "off"])
+                         "n/a (n < 2)" if cost is None else ("yes" if cost else "no"), "; ".join(steps), holds])
+            missing += grid.missing(cell, [arm, "off"])
     return Table("T5. Early stopping (claim 4b)", "claim 4b, the gains are not explained by early stopping: arm - "
                  "NG-off taken at matched reward (its first evaluated step whose trailing-mean trainer reward reaches "
                  "the arm's final one); holds in a cell if the verdict is 'better'.",
                  _md_table([*ARM_HEADER, "matched off step", "claim holds"], rows), count,
-                 bool(notes) or not grid.arms, sorted(set(notes)))
+                 bool(missing) or bool(grid.absent), sorted(set(notes)), sorted(set(missing)) + grid.absent)
 
 
 def t6_few_step(grid: Grid) -> Table:
@@ -609,7 +615,7 @@ def t6_few_step(grid: Grid) -> Table:
                     "FD gain grows (< 0)"], rows)
     return Table("T6. Few-step (claim 4a)", "claim 4a, NormGuard's gains grow under few-step sampling: (arm - off) "
                  "at 2 steps minus (arm - off) at 8 steps, final checkpoints; favourable: reward above 0, FD below 0.",
-                 md, count, bool(notes) or not grid.arms, sorted(set(notes)))
+                 md, count, bool(notes) or bool(grid.absent), missing=sorted(set(notes)) + grid.absent)
 
 
 def t8_adaptive(grid: Grid) -> Table:
@@ -633,9 +639,6 @@ def t8_adaptive(grid: Grid) -> Table:
         rows.append([_cell_name(cell), str(iv.n if iv else 0), fmt_seeds(ratios, 4), fmt_interval(iv, 4),
                      f"{target:g} +- {RATIO_TOLERANCE:g}", holds, fmt(infl_a.mean if infl_a else None, 2),
                      fmt(infl_f.mean if infl_f else None, 2), fmt_interval(d, 2)])
-        for r, s in zip(runs, grid.seeds):
-            if r is None or not r.done or not r.metrics:
-                notes.append(f"{'_'.join(cell)} adaptive s{s}: not finished")
         notes += grid.missing(cell, ["adaptive", "fixed"])
     md = _md_table(["cell", "n", f"training ratio, mean of last {RATIO_WINDOW} steps, per seed", "mean [95 % CI]",
                     "target", "holds the ratio", "adaptive inflation %", "fixed inflation %",
@@ -643,7 +646,8 @@ def t8_adaptive(grid: Grid) -> Table:
     return Table("T8. Adaptive", "the adaptive arm holds the training ratio at 1 + margin: mean logged ||v||/||v_ref|| "
                  f"over the last {RATIO_WINDOW} steps; holds if its interval lies within 1 + margin +- "
                  f"{RATIO_TOLERANCE}. Also its sampling inflation against the fixed arm's (paired by seed); its "
-                 "lambda trajectory is plotted.", md, count, bool(notes), sorted(set(notes)))
+                 "lambda trajectory is plotted.", md, count, bool(notes) or bool(grid.absent),
+                 missing=sorted(set(notes)) + grid.absent)
 
 
 def main_tables(runs: list[Run], seeds: tuple[int, ...]) -> list[Table]:
