@@ -218,8 +218,9 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
         evals = {steps: fake_eval(**kw)}
         if arm == "off" and seed == "s0":
             evals[15] = fake_eval(fd=kw["fd"] + 5)  # the matched checkpoint; s1's is left unevaluated
-        write_run(cfg, evals, off_curve if arm == "off" else on_curve,
-                  1.0 + 0.002 * int(seed[1:]) if arm == "adaptive" else 1.05, steps, lam=0.1 if arm == "adaptive" else 0)
+        adaptive = arm == "adaptive"
+        ratio = 1.0 + 0.002 * int(seed[1:]) if adaptive else 1.05
+        write_run(cfg, evals, off_curve if arm == "off" else on_curve, ratio, steps, lam=0.1 if adaptive else 0)
     # a run that finished but was not evaluated, and one killed at step 10 (a status short of B, no metrics)
     _, cfg_a, _, _ = next(e for e in entries if e[0].label == "sd3_nft_colorfulness_off_s1")
     write_run(cfg_a, {}, off_curve, 1.05, steps)

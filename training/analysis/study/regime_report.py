@@ -206,7 +206,7 @@ def sample_grids(runs: list[tables.Run], refs: dict[str, dict], out_dir: Path, s
 
     main = [r for r in runs if r.stage != "sweep" and r.seed == seed]
     paths = []
-    for cell in sorted({r.cell for r in main}):
+    for cell in dict.fromkeys(r.cell for r in main):
         mine = {r.arm: r for r in main if r.cell == cell}
         any_run = next(iter(mine.values()))
         try:
@@ -239,7 +239,8 @@ def _inventory(runs: list[tables.Run], stages: list[str]) -> str:
         mine = [r for r in runs if r.stage == stage]
         if not mine:
             continue
-        rows.append([stage, str(len(mine)), str(sum(r.done for r in mine)), str(sum(r.final is not None for r in mine))])
+        evaluated = sum(r.final is not None for r in mine)
+        rows.append([stage, str(len(mine)), str(sum(r.done for r in mine)), str(evaluated)])
     return tables._md_table(["stage", "runs planned", "finished (status.json at B)", "final checkpoint evaluated"],
                             rows)
 
@@ -307,9 +308,9 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
         f"runs, one worker each).",
         f"- Wall time of the evaluations: {eval_s / 3600:.2f} h ({eval_s:.0f} s over {n_evals} evaluation files).",
         f"- Command: `python -m training.analysis.study.regime_report {' '.join(argv)}`",
-        f"- Protocol: docs/study.md, 'Protocol of the regime study' (sections 3-6). Differences are arm - off per "
-        f"seed; intervals are 95 % t-intervals over seeds (t = 12.71 at n = 2, 4.303 at n = 3), none at n = 1. "
-        f"FD and MMD: lower is better; attribute accuracy: higher is better.", "",
+        "- Protocol: docs/study.md, 'Protocol of the regime study' (sections 3-6). Differences are arm - off per "
+        "seed; intervals are 95 % t-intervals over seeds (t = 12.71 at n = 2, 4.303 at n = 3), none at n = 1. "
+        "FD and MMD: lower is better; attribute accuracy: higher is better.", "",
         "## Runs", "", _inventory(runs, stages), "", "## Reference points", "", _reference_section(refs),
     ]
     if fixed_note:
@@ -340,7 +341,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.analysis.study.regime_report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, required=True, help="the RL budget B of the runs to report")
-    parser.add_argument("--out", default="outputs/study14", help="the study's output directory (default outputs/study14)")
+    parser.add_argument("--out", default="outputs/study14",
+                        help="the study's output directory (default outputs/study14)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     parser.add_argument("--fixed-form", default=None,
                         help="the fixed arm's form (regime.py's --fixed-form); default: the sweep's selection")

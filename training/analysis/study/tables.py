@@ -395,7 +395,7 @@ class Grid:
     def __init__(self, runs: list[Run], seeds: tuple[int, ...]):
         self.runs = {(r.cell, r.arm, r.seed): r for r in runs}
         self.seeds = seeds
-        self.cells = sorted({r.cell for r in runs})
+        self.cells = list(dict.fromkeys(r.cell for r in runs))  # plan order: nft, awm, dpo, grpo x the rewards
         self.arms = [a for a in ("fixed", "adaptive") if any(r.arm == a for r in runs)]
         # an arm of the protocol with no run in this report (stage not requested, or no fixed form yet)
         self.absent = [f"arm {a}: no run in this report" for a in ("fixed", "adaptive") if a not in self.arms]
@@ -451,7 +451,8 @@ def t1_inflation(grid: Grid) -> Table:
         count += bool(iv and iv.has_interval)
         holds = "n/a (n < 2)" if not (iv and iv.has_interval) else ("yes" if iv.lo > 0 else "no")
         in_range = "missing" if iv is None else ("yes" if PAPER_RANGE[0] <= iv.mean <= PAPER_RANGE[1] else "no")
-        rows.append([_cell_name(cell), str(iv.n if iv else 0), fmt_seeds(vals, 2), fmt_interval(iv, 2), holds, in_range])
+        rows.append([_cell_name(cell), str(iv.n if iv else 0), fmt_seeds(vals, 2), fmt_interval(iv, 2), holds,
+                     in_range])
         notes += grid.missing(cell, ["off"])
     md = _md_table(["cell", "n", "inflation % per seed (" + ", ".join(f"s{s}" for s in grid.seeds) + ")",
                     "mean [95 % CI]", "holds (interval > 0)", "in the paper's 5-15 %"], rows)
