@@ -251,11 +251,15 @@ def _reference_section(refs: dict[str, dict]) -> str:
         r = ev if name == "data" else tables.row(ev)
         if r is None:
             continue
-        rows.append([name, *[tables.fmt(r.get(k), tables.DIGITS[k]) if r.get(k) is not None else "-"
-                             for k in ("reward_mean", "norm_inflation_pct", "fd", "attribute_acc", "pixel_mmd")]])
+        cells = [tables.fmt(r.get(k), tables.DIGITS[k]) if r.get(k) is not None else "-"
+                 for k in ("reward_mean", "norm_inflation_pct", "fd", "attribute_acc", "pixel_mmd")]
+        if r.get("reward_std") is not None:
+            cells[0] += f" +- {tables.per_image_se(r['reward_std']):.4f}"
+        rows.append([name, *cells])
     if not rows:
         return "No reference evaluation yet.\n"
-    return (tables._md_table(["checkpoint", "reward", "inflation %", "FD", "attribute acc", "MMD"], rows) +
+    return (tables._md_table(["checkpoint", "reward (+- per-image s.e.)", "inflation %", "FD", "attribute acc", "MMD"],
+                             rows) +
             "\n\nThe reference is the LoRA init (8 steps, same noise); `data` is 256 fresh data images with the "
             "evaluation captions, the floor of FD and MMD.\n")
 

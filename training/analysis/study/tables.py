@@ -163,6 +163,11 @@ def last_ratio_mean(metrics: list[dict] | None, window: int = RATIO_WINDOW) -> f
 
 
 # ----------------------------------------------------------------------------------------------- section 4: sweep
+def per_image_se(reward_std: float | None, images: int = IMAGES_PER_SEED) -> float | None:
+    """Section 5: the per-image sampling s.e. of one run's mean reward, shown next to single-run values only."""
+    return None if reward_std is None else reward_std / math.sqrt(images)
+
+
 def pooled_se(means: list[float], stds: list[float], images_per_seed: int = IMAGES_PER_SEED) -> float:
     """Section 4, rule 1: s.e. of a mean over seeds x images, pooled as written:
     sqrt((mean of the within-seed variances + the variance of the seed means, ddof 1) / (seeds x images)),
@@ -344,7 +349,8 @@ def sweep_table(summaries: list[FormSummary], selection: Selection | None) -> st
     """T7: every form (NG-off first), per measure 'mean (seed values)'; with the selection's columns when run."""
     names = {"reward_mean": "final reward", "norm_inflation_pct": "inflation %", "fd": "FD",
              "attribute_acc": "attribute acc", "pixel_mmd": "MMD", "final_ratio": "final train ratio"}
-    header = ["form", *[f"{names[k]} mean ({', '.join(f's{s}' for s in summaries[0].seeds)})" for k in SWEEP_KEYS]]
+    seeds = ", ".join(f"s{s}" for s in summaries[0].seeds)
+    header = ["form", *[f"{names[k]} mean ({seeds})" for k in SWEEP_KEYS], f"reward per-image s.e. ({seeds})"]
     if selection is not None:
         header += ["(1)", "(2)", "ranks FD/acc/MMD (mean)"]
     rows = []
@@ -354,6 +360,7 @@ def sweep_table(summaries: list[FormSummary], selection: Selection | None) -> st
         for k in SWEEP_KEYS:
             d = DIGITS[k]
             cells.append(f"{fmt(f.mean(k), d)} ({fmt_seeds(f.per_seed[k], d)})")
+        cells.append(fmt_seeds([per_image_se(s) for s in f.reward_std], 4))
         if selection is not None:
             if f.label == "off":
                 cells += ["-", "-", "-"]
