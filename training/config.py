@@ -42,7 +42,7 @@ class ToyConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = "toy"  # a key of training.models.MODELS: toy | sd3 | flux
+    type: str = "toy"  # a key of training.models.MODELS: toy | toy_flux | sd3 | flux
     path: str = ""  # local diffusers pipeline folder (sd3 / flux)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights' dtype
     resolution: int = 512  # image size for sd3 / flux
