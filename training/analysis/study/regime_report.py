@@ -192,7 +192,10 @@ def _cells(ev: dict, reward, is_reference: bool):
     arr = np.asarray(images, dtype=np.uint8)  # [N, 3, H, W]
     rewards = [math.nan] * len(prompts)
     if reward is not None:
-        rewards = reward(torch.from_numpy(arr).float() / 255, list(prompts)).float().tolist()
+        try:
+            rewards = reward(torch.from_numpy(arr).float() / 255, list(prompts)).float().tolist()
+        except (RuntimeError, ValueError):  # a reward that cannot score these images: the grid shows nan
+            pass
     ratios = samples.get("ratio") or [1.0 if is_reference else math.nan] * len(prompts)
     return list(prompts), [Cell(img.transpose(1, 2, 0).copy(), float(q), float(v))
                            for img, q, v in zip(arr, rewards, ratios)]
@@ -278,14 +281,19 @@ def sweep_section(runs: list[tables.Run]) -> tuple[str, tables.Selection | None]
     selection = None
     if evaluated == len(sweep) and sweep:
         off = next(f for f in summaries if f.label == "off")
-        selection = tables.select_form(off, [f for f in summaries if f.label != "off"])
+        try:
+            selection = tables.select_form(off, [f for f in summaries if f.label != "off"])
+        except ValueError as err:  # an evaluation without one of the measures (e.g. an older JSON)
+            lines += [f"**All {len(sweep)} sweep runs are evaluated, but the selection rule cannot run: {err}; an "
+                      f"evaluation lacks one of the measures (shown as 'missing' below).**", ""]
+    if selection is not None:
         lines += ["Complete: all {} sweep runs evaluated.".format(len(sweep)), "", "**Selection rule, step by step:**",
-                  "", *[f"{i}. {s}" for i, s in enumerate(selection.steps, 1)], "",
+                  "", *[f"- {s}" for s in selection.steps], "",
                   f"Branch: {selection.branch}. Passing (1): {', '.join(selection.pass1) or 'none'}.", "",
                   f"Passing (2): {', '.join(selection.pass2) or 'none'}.", ""]
         if selection.branch != "rule 3":
             lines += [f"**Fallback used ({selection.branch}): no form met the rule's conditions; see step (4).**", ""]
-    else:
+    elif evaluated < len(sweep):
         lines += [f"**PARTIAL: {evaluated} of {len(sweep)} sweep runs evaluated, {len(sweep) - evaluated} missing "
                   f"({sum(r.done for r in sweep)} finished). The selection rule is not applied until all are "
                   f"evaluated.**", ""]
