@@ -108,7 +108,7 @@ def test_treated_as_a_toy_by_config_and_prompts(toy_cfg):
 
 
 def test_a_short_nft_run_logs_finite_norm_ratios(toy_cfg):
-    cfg = toy_cfg(*TINY, "method.name=nft")
+    cfg = toy_cfg(*TINY, "method.name=nft", "normguard.per_token=true")  # per-token norms over the packed tokens
     summary = train(cfg)
     logged = read_csv(cfg.run_dir / "metrics.csv")
     assert [r["step"] for r in logged] == [1, 2] and summary.steps == 2
