@@ -23,7 +23,9 @@ mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 unset TRITON_INTERPRET NGKERNELS_BACKEND  # the GPU runs compiled kernels; the interpreter is never timed
 # 'python' for the scripts that call it: a wrapper, not a symlink (a symlinked venv python loses its venv)
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python \
+# (the interpreter itself, not a shim; rm first: printf through an old symlink would overwrite its target)
+PY=$(python3 -c 'import sys; print(sys.executable)')
+mkdir -p /tmp/bin && rm -f /tmp/bin/python && printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > /tmp/bin/python \
   && chmod +x /tmp/bin/python && export PATH="/tmp/bin:$PATH"
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "error: no CUDA device: benchmarks/gpu_check.sh is for a GPU machine" >&2
@@ -72,7 +74,7 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider -o addopts=-ra --maxfail=25)
 # sweep timed by graph replays, the native AOT build + ctest, which needs > 80 s with ptxas, the trainer smoke,
 # which needs > 50 s), then the CUDA tests it passed (rerun: four test bugs were fixed since), then the rest.
 want sweep && stage sweep 150 python3 -m benchmarks.gpu_sweep --out "$WORK/sweep" --budget-s 110
-want native && stage native 120 bash -c "cmake -S . -B $WORK/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(command -v python3) \
+want native && stage native 120 bash -c "cmake -S . -B $WORK/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$PY \
   && cmake --build $WORK/build --parallel 16 && ctest --test-dir $WORK/build --output-on-failure"
 want train_smoke && stage train_smoke 90 bash benchmarks/gpu_train_smoke.sh
 want cuda_tests && stage cuda_tests 80 "${PYTEST[@]}" tests/ngkernels/test_cuda.py tests/ngkernels/test_launch.py

@@ -86,7 +86,8 @@ def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: s
     shown = result.shown[f"plain, {EVAL['num_steps']} steps"]
     data = {"label": label, "checkpoint": checkpoint, "rows": result.rows, "ratio_by_step": result.ratio_by_step,
             "adjoint": result.adjoint, "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
-            "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist()}}
+            "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist(),
+                        "ratio": shown.ratio.mean(1).tolist()}}
     _write_json(Path(path), data)
     return data
 

@@ -179,7 +179,9 @@ def train_run(cfg_dict: dict) -> dict:
     status = {"steps": summary.steps, "seconds": time.time() - started, "rl_seconds": summary.seconds,
               "resumed": resume, "eval_reward": summary.reward_after, "norm_ratio": summary.norm_ratio,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    (run_dir / "status.json").write_text(json.dumps(status, indent=1))
+    tmp = run_dir / "status.json.tmp"  # written whole or not at all: a finished run is known by this file
+    tmp.write_text(json.dumps(status, indent=1))
+    tmp.replace(run_dir / "status.json")
     return status
 
 
