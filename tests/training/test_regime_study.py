@@ -32,7 +32,10 @@ def test_stages_hold_the_protocols_runs():
     with pytest.raises(ValueError, match="--fixed-form must look like"):
         parse_form("lambda=0.1")
     with pytest.raises(ValueError, match="unknown stage"):
-        stage_runs("flux-off")
+        stage_runs("flux-on")
+    flux = stage_runs("flux-adaptive")
+    assert len(flux) == 24 and {r.overrides[0] for r in flux} == {"model.type=toy_flux"}
+    assert flux[0].label.startswith("flux_") and flux[0].overrides[1:] == stage_runs("sd3-adaptive")[0].overrides[1:]
 
 
 def test_identity_ignores_logging_and_the_step_count(tmp_path):

@@ -138,7 +138,7 @@ def evaluation_jobs(finished: list[tuple[object, object]], out_dir: Path) -> lis
         final = eval_path(cfg.run_dir, cfg.train.steps)
         add(evaluate_to_file, (cfg.to_dict(), str(cfg.run_dir / "checkpoints" / f"step-{cfg.train.steps}"),
                                str(final), spec.label), str(final))
-        if spec.stage.startswith("sd3") and not spec.off:
+        if spec.stage != "sweep" and not spec.off:
             cell, _arm, seed = spec.label.rsplit("_", 2)
             off_label = f"{cell}_off_{seed}"
             if off_label not in by_label:

@@ -15,7 +15,8 @@ The stages follow the protocol's section 7:
   absolute/relative x plain/squared x per-sample/per-token);
 - sd3-off / sd3-adaptive: nft, awm, dpo, grpo x caption_match, colorfulness x seeds 0, 1, 2, NormGuard off or
   adaptive (relative plain per-sample hinge, margin 0, lambda starting at 0, the config's dual step size);
-- sd3-fixed: the same cells with the sweep's chosen form, given as --fixed-form once the selection rule has run.
+- sd3-fixed: the same cells with the sweep's chosen form, given as --fixed-form once the selection rule has run;
+- flux-off / flux-adaptive / flux-fixed: the same on the FLUX-architecture toy (model.type=toy_flux).
 `--evaluate` runs the evaluation stage over the finished runs of the named stages (training.analysis.study.
 evaluation: every instrument and the three quality proxies on the final and matched checkpoints), resumable too.
 The flux stages come later.
@@ -45,7 +46,9 @@ SWEEP_SEEDS = (100, 101)
 SWEEP_CELL = ("nft", "colorfulness")
 SWEEP_LAMBDAS = (0.01, 0.1, 1.0)
 SWEEP_MARGINS = (0.0, 0.02)
-STAGES = ("sweep", "sd3-off", "sd3-adaptive", "sd3-fixed")
+MODELS = {"sd3": "toy", "flux": "toy_flux"}  # the study's base models -> model.type (protocol section 2)
+ARMS = ("off", "adaptive", "fixed")
+STAGES = ("sweep", *(f"{model}-{arm}" for model in MODELS for arm in ARMS))
 EVAL_EVERY = 5  # the trainer's evaluation (32 images) every 5 steps: the early-stopping control's reward curve
 OFF_CHECKPOINT_EVERY = 5
 ON_CHECKPOINT_EVERY = 25
@@ -104,16 +107,16 @@ def stage_runs(stage: str, fixed_form: tuple | None = None) -> list[RunSpec]:
                 runs.append(RunSpec(stage, f"sweep_{form_label(*form)}_s{seed}", METHOD_CONFIGS[method],
                                     (*base, *form_overrides(*form)), False, seed))
         return runs
-    arms = {"sd3-off": ("off", OFF, True), "sd3-adaptive": ("adaptive", ADAPTIVE, False)}
-    if stage == "sd3-fixed":
-        if fixed_form is None:
-            raise ValueError("stage sd3-fixed needs --fixed-form (the form the sweep's selection rule chose)")
-        arms[stage] = ("fixed", form_overrides(*fixed_form), False)
-    if stage not in arms:
+    model, _, arm = stage.partition("-")
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {list(STAGES)}")
-    arm, overrides, off = arms[stage]
-    return [RunSpec(stage, f"sd3_{method}_{reward}_{arm}_s{seed}", METHOD_CONFIGS[method],
-                    (*common, f"method.name={method}", f"reward.name={reward}", f"train.seed={seed}", *overrides), off, seed)
+    if arm == "fixed" and fixed_form is None:
+        raise ValueError(f"stage {stage} needs --fixed-form (the form the sweep's selection rule chose)")
+    overrides, off = {"off": (OFF, True), "adaptive": (ADAPTIVE, False),
+                      "fixed": (form_overrides(*fixed_form) if fixed_form else None, False)}[arm]
+    return [RunSpec(stage, f"{model}_{method}_{reward}_{arm}_s{seed}", METHOD_CONFIGS[method],
+                    (f"model.type={MODELS[model]}", f"method.name={method}", f"reward.name={reward}",
+                     f"train.seed={seed}", *overrides), off, seed)
             for seed in MAIN_SEEDS for method in METHOD_CONFIGS for reward in REWARDS]
 
 

@@ -377,13 +377,14 @@ def main(argv=None) -> int:
         runs += load_stage_runs(["sweep"], args.steps, out_dir)
         _, selection = sweep_section(runs)
     main_stages = [s for s in stages if s != "sweep"]
-    if "sd3-fixed" in main_stages:
+    fixed_stages = [s for s in main_stages if s.endswith("-fixed")]
+    if fixed_stages:
         chosen = selection.chosen_form if selection else None
         if fixed is None and chosen is not None:
             fixed = chosen
             note = f"The fixed arm is the sweep's selection, {tables.form_string(chosen)} (no --fixed-form given)."
         elif fixed is None:
-            main_stages.remove("sd3-fixed")
+            main_stages = [s for s in main_stages if s not in fixed_stages]
             note = ("**The fixed arm is not reported:** no --fixed-form was given and the sweep's selection is not "
                     "available (the sweep is not complete or not among --stages).")
         elif chosen is not None and tuple(fixed) != tuple(chosen):
