@@ -8,9 +8,15 @@ requiring grad, then backward) for `ngkernels` and for `compile` (the suite's pe
 eager (`cases.check_agreement`), warms both up, then times `--reps` pairs of calls, alternating which goes
 first, and takes each one's median. The whole measurement is repeated `--repeats` times (the spread is the
 noise); the table shows ngkernels' speed relative to compile (compile median / ngkernels median: >= 1 is as
-fast or faster) for each repeat, and the median of the repeats. Also the first ngkernels call of each case
+fast or faster) for each repeat, and the median of the repeats, with the median minor page faults of a pass
+(a fresh large buffer from mmap is paid per 4 KiB page on first touch). Also the first ngkernels call of each case
 (its compile: Dynamo + Inductor, from Inductor's on-disk cache when a previous process filled it; always wall
 time).
+
+Both implementations read the same input tensors (and, as each pass frees the gradient before the next, usually
+write the same gradient buffer): the streams' addresses modulo 4 KiB decide whether the backward's stores alias
+its loads (4K aliasing) and cost the same kernel up to 20 % (fm_normguard T, one process: 0.83x with its own
+inputs after S had run, 0.96x without), so with inputs of their own the ratio would measure allocator luck.
 
 The clock: `cpu` (default) is the calling thread's CPU time (`time.thread_time`): at 1 torch thread Inductor's
 C++ kernels and ATen run in that thread, so it counts the work (page faults included) but not the time the
@@ -28,6 +34,7 @@ tell the case's own speed from the state a long process accumulates.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,10 +49,17 @@ CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 _clock = CLOCKS["cpu"]
 
 
-def _timed(fn) -> float:
+def _faults() -> int:
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
+
+
+def _timed(fn) -> tuple[float, int]:
+    """-> (seconds on the chosen clock, minor page faults of the calling thread)."""
+    f0 = _faults()
     t0 = _clock()
     fn()
-    return _clock() - t0
+    t = _clock() - t0
+    return t, _faults() - f0
 
 
 def measure(op: str, shape: str, dtype: str, reps: int, repeats: int, warmup: int) -> dict:
@@ -54,9 +68,9 @@ def measure(op: str, shape: str, dtype: str, reps: int, repeats: int, warmup: in
     dims = cases.SHAPE_SETS["full"][shape]
     passes = {}
     first = {}
+    inputs = cases.make_inputs(cases.Case(op, "compile", "full", shape, dims, dtype), device)  # shared: see above
     for impl in ("ngkernels", "compile"):
         case = cases.Case(op, impl, "full", shape, dims, dtype)
-        inputs = cases.make_inputs(case, device)
         p = passes[impl] = cases.Pass(case, inputs)
         p.reset()
         t0 = time.perf_counter()
@@ -71,28 +85,34 @@ def measure(op: str, shape: str, dtype: str, reps: int, repeats: int, warmup: in
         return _timed(p)
 
     ratios, ngk_ms, cmp_ms = [], [], []
+    faults = {"ngkernels": [], "compile": []}
     for _ in range(repeats):
         times = {"ngkernels": [], "compile": []}
         for i in range(reps):
             order = ("ngkernels", "compile") if i % 2 == 0 else ("compile", "ngkernels")
             for impl in order:
-                times[impl].append(call(impl))
+                t, f = call(impl)
+                times[impl].append(t)
+                faults[impl].append(f)
         a, b = statistics.median(times["ngkernels"]), statistics.median(times["compile"])
         ratios.append(b / a)
         ngk_ms.append(a * 1e3)
         cmp_ms.append(b * 1e3)
     return {"first_call_s": first["ngkernels"], "compile_first_s": first["compile"], "ratios": ratios,
-            "ngk_ms": statistics.median(ngk_ms), "cmp_ms": statistics.median(cmp_ms)}
+            "ngk_ms": statistics.median(ngk_ms), "cmp_ms": statistics.median(cmp_ms),
+            "ngk_faults": statistics.median(faults["ngkernels"]), "cmp_faults": statistics.median(faults["compile"])}
 
 
 def _row(op, shape, dtype, r) -> str:
     each = " ".join(f"{x:.2f}" for x in r["ratios"])
     return (f"| {op} | {shape} | {dtype} | **{statistics.median(r['ratios']):.2f}** | {each} | "
-            f"{r['ngk_ms']:.2f} | {r['cmp_ms']:.2f} | {r['first_call_s']:.1f} | {r['compile_first_s']:.1f} |")
+            f"{r['ngk_ms']:.2f} | {r['cmp_ms']:.2f} | {r['ngk_faults']:.0f} / {r['cmp_faults']:.0f} | "
+            f"{r['first_call_s']:.1f} | {r['compile_first_s']:.1f} |")
 
 
-HEADER = ("| op | shape | dtype | vs compile (median) | per repeat | ngkernels ms | compile ms | "
-          "first ngkernels call s | first compile call s |\n|---|---|---|---:|---|---:|---:|---:|---:|")
+HEADER = ("| op | shape | dtype | vs compile (median) | per repeat | ngkernels ms | compile ms | page faults / pass "
+          "(ngkernels / compile) | first ngkernels call s | first compile call s |\n"
+          "|---|---|---|---:|---|---:|---:|---:|---:|---:|")
 
 
 def main(argv=None):

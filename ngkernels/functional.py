@@ -83,7 +83,9 @@ def _check(v, target, v_ref, weight, reduction, margin):
         raise ValueError(f"margin must be > -1 (the hinge is at (1 + margin) * ||v_ref||), got {margin}")
 
 
-def _fused(v, target, v_ref, weight, opts: LossOptions):
+def _fused(v, target, v_ref, weight, opts: LossOptions, stats: bool = True):
+    """-> (loss, LossStats), or (loss, None) with stats=False (the compiled CPU path then leaves out what only the
+    stats need, e.g. flow_matching's ||v|| reduction)."""
     _check(v, target, v_ref, weight, opts.reduction, opts.margin)
     backend = resolve_backend(v.device)
     opts = LossOptions(float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared),
@@ -92,23 +94,25 @@ def _fused(v, target, v_ref, weight, opts: LossOptions):
     if backend == "torch" and compiled_cpu.enabled(v):  # large CPU tensors: this function, compiled
         const = compiled_cpu.constant_input
         key = (v.dtype, v.dim(), target is None, v_ref is None, weight is None, opts.relative, opts.squared,
-               opts.reduction, keep)
+               opts.reduction, keep, stats)
         out = compiled_cpu.run(_rows_and_loss, key, v, const(target), const(v_ref), const(weight),
-                               compiled_cpu.with_tensor_scalars(opts), backend, keep)
+                               compiled_cpu.with_tensor_scalars(opts), backend, keep, stats)
         if out is not None:
             return out
-    return _rows_and_loss(v, target, v_ref, weight, opts, backend, keep)
+    return _rows_and_loss(v, target, v_ref, weight, opts, backend, keep, stats)
 
 
-def _rows_and_loss(v, target, v_ref, weight, opts: LossOptions, backend: str, keep: bool):
-    """The checked call on [B, N] rows -> (loss, LossStats)."""
+def _rows_and_loss(v, target, v_ref, weight, opts: LossOptions, backend: str, keep: bool, stats: bool = True):
+    """The checked call on [B, N] rows -> (loss, LossStats), or (loss, None) with stats=False."""
     B = v.shape[0]
     v2d = _rows("v", v, B)
     t2d = None if target is None else _rows("target", target.detach(), B)
     r2d = None if v_ref is None else _rows("v_ref", v_ref.detach(), B)
     w = None if weight is None else weight.detach().contiguous()
-    loss, stats = fused_loss(v2d, t2d, r2d, w, opts, backend, keep)
-    v_norm, ref_norm, mse = stats.unbind(0)
+    loss, packed = fused_loss(v2d, t2d, r2d, w, opts, backend, keep)
+    if not stats:
+        return loss, None
+    v_norm, ref_norm, mse = packed.unbind(0)
     return loss, LossStats(v_norm, None if v_ref is None else ref_norm, None if target is None else mse)
 
 
@@ -123,7 +127,7 @@ def normguard_loss(v, v_ref, *, margin=0.0, relative=False, squared=False, reduc
     non-batch dims; for per-token norms pass a reshaped view ([B, T, D] -> [B*T, D]).
     Gradients flow to `v` only; `v_ref` is a constant. Returns float32 ([B] for reduction="none").
     """
-    return _fused(v, None, v_ref, None, LossOptions(1.0, margin, relative, squared, reduction))[0]
+    return _fused(v, None, v_ref, None, LossOptions(1.0, margin, relative, squared, reduction), stats=False)[0]
 
 
 def flow_matching_loss(v, target, *, weight=None, reduction="mean"):
@@ -131,7 +135,7 @@ def flow_matching_loss(v, target, *, weight=None, reduction="mean"):
 
     Gradients flow to `v` only; `target` and `weight` ([B]) are constants. Returns float32.
     """
-    return _fused(v, target, None, weight, LossOptions(0.0, 0.0, False, False, reduction))[0]
+    return _fused(v, target, None, weight, LossOptions(0.0, 0.0, False, False, reduction), stats=False)[0]
 
 
 def fm_normguard_loss(v, target, v_ref, *, weight=None, ng_lambda=1.0, margin=0.0, relative=False,
@@ -142,7 +146,8 @@ def fm_normguard_loss(v, target, v_ref, *, weight=None, ng_lambda=1.0, margin=0.
     Gradients flow to `v` only; `target`, `v_ref` and `weight` are constants. With return_stats=True it
     returns (loss, LossStats(v_norm, ref_norm, mse)), per-sample float32 from the same pass.
     """
-    loss, stats = _fused(v, target, v_ref, weight, LossOptions(ng_lambda, margin, relative, squared, reduction))
+    loss, stats = _fused(v, target, v_ref, weight, LossOptions(ng_lambda, margin, relative, squared, reduction),
+                         stats=return_stats)
     return (loss, stats) if return_stats else loss
 
 

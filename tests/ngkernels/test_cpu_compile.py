@@ -104,6 +104,23 @@ def test_compiled_path_other_ops(compiled_calls, op):
     assert compiled_calls == [True]
 
 
+def test_loss_only_graph_matches_the_one_with_stats(compiled_calls):
+    """The public ops that return only a loss compile a graph without the stats (stats=False, so that Inductor
+    drops e.g. flow_matching's ||v|| reduction): same loss and gradient as the graph that returns them."""
+    from ngkernels.options import LossOptions
+    v, target, _v_ref, weight = make_inputs((5, 3, 40), torch.float32, "cpu", seed=4)
+    opts = LossOptions(0.0, 0.0, False, False, "none")
+    results = []
+    for stats in (False, True):
+        x = v.detach().clone().requires_grad_(True)
+        loss, got = functional._fused(x, target, None, weight, opts, stats=stats)
+        assert (got is None) == (not stats)
+        loss.sum().backward()
+        results.append((loss.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+    assert compiled_calls == [True, True]
+
+
 def test_velocity_norms_compiled(compiled_calls):
     v = make_inputs((6, 50), torch.bfloat16, "cpu")[0]
     torch.testing.assert_close(ngkernels.velocity_norms(v).double(), v.double().norm(dim=1), rtol=2e-6, atol=0)
