@@ -14,9 +14,9 @@ fast or faster) for each repeat, and the median of the repeats, with the median 
 time).
 
 Both implementations read the same input tensors (and, as each pass frees the gradient before the next, usually
-write the same gradient buffer): the streams' addresses modulo 4 KiB decide whether the backward's stores alias
-its loads (4K aliasing) and cost the same kernel up to 20 % (fm_normguard T, one process: 0.83x with its own
-inputs after S had run, 0.96x without), so with inputs of their own the ratio would measure allocator luck.
+write the same gradient buffer): with inputs of their own, where the allocator put each implementation's buffers
+moved the ratio by up to 15 % (fm_normguard T fp32, one process: 0.83x after S had run, 0.96x without; likely
+4K aliasing between the backward's stores and its loads), so the ratio would measure allocator luck.
 
 The clock: `cpu` (default) is the calling thread's CPU time (`time.thread_time`): at 1 torch thread Inductor's
 C++ kernels and ATen run in that thread, so it counts the work (page faults included) but not the time the

@@ -18,9 +18,9 @@ runs as fast as the static one. (Only the tail's rounding changes: float32 accum
 
 What the caller does not ask for is not computed. `normguard_loss`, `flow_matching_loss` and `fm_normguard_loss`
 without return_stats call with stats=False: the compiled function returns the loss alone, and Inductor drops
-what only the stats need, above all flow_matching's ||v_i|| reduction (a second sum in its forward loop: 15 %
-of that kernel at T bf16; with it flow_matching ran at 0.72-0.76x compile, without it 0.91-1.17x). NormGuard's
-norms feed the loss and stay.
+what only the stats need, above all flow_matching's ||v_i|| reduction (a second sum in its forward loop, which
+made that graph 14 % slower than compile's at T bf16; bf16 flow_matching, measured with benchmarks/cpu_ab.py in
+one process: 0.72-0.73x compile with it, 0.93-0.96x without). NormGuard's norms feed the loss and stay.
 
 No recompile per shape. B and N are symbols (dynamic=True), so a new shape reuses the compiled code;
 ng_lambda and margin enter as 0-d tensors (`with_tensor_scalars`: a Python float would be baked into the graph,
