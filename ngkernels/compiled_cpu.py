@@ -32,11 +32,11 @@ and a lambda schedule would recompile every step); target, v_ref and weight ente
     a call site keeps from step to step;
   - B == 1 (Dynamo specialises sizes equal to 1);
   - N <= 4096 or N > 4096 (Inductor sums float32 rows longer than 4096 in a cascade of 4096-element chunks,
-    for accuracy);
+    for accuracy), and likewise B <= 4096 or B > 4096 (the sum over the rows, e.g. per-token rows [32768, 64]);
   - equal sizes in the first call's shape: Dynamo gives equal sizes one symbol ("duck sizing"), so S
     [16, 16, 64, 64] compiles a graph for B == C, and the first B != 16 one general graph (no further ones:
     distinct symbols carry no inequality guard).
-So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 4 variants, plus
+So over a run whose B and N vary, a call site (fixed options, dtype and layout) compiles at most 6 variants, plus
 one for each size coincidence of its first shape that a later shape breaks; in practice 1 or 2
 (tests/ngkernels/test_cpu_compile.py checks the bound). Each (dtype, rank, terms, options) gets its own copy of
 the compiled function (`run`'s key), because Dynamo keeps `torch._dynamo.config.recompile_limit` (8) variants
