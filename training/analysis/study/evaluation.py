@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,26 +67,16 @@ def matched_step(off_run: Path, on_run: Path) -> dict:
 
 
 def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: str) -> dict:
-    """Worker job: evaluates one checkpoint (None: the reference) and writes its JSON atomically."""
-    from training.analysis.evaluate import EvalSettings, build_eval_model, evaluate_checkpoint
-    from training.analysis.quality import FeatureNetSpec, ToyQuality
+    """Worker job: evaluates one checkpoint (None: the reference) with the study's eval job (every instrument;
+    training.analysis.study.jobs.eval_job) at the protocol's settings, and writes its JSON atomically."""
+    from training.analysis.quality import FeatureNetSpec
+    from training.analysis.study.jobs import eval_job
     from training.config import config_from_dict
-    from training.rewards import build_reward
 
-    torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict)
-    started = time.time()
-    model = build_eval_model(cfg, checkpoint)
-    reward = build_reward(cfg.reward.name, **cfg.reward.kwargs)
-    toy = cfg.model.toy
-    quality = ToyQuality(toy.image_size, toy.cache_dir, num_reference=NUM_REFERENCE, progress=False,
-                         spec=FeatureNetSpec(image_size=toy.image_size, train_steps=FEATURE_STEPS))
-    result = evaluate_checkpoint(model, reward, EvalSettings(**eval_settings(cfg)), quality=quality, label=label)
-    shown = result.shown[f"plain, {EVAL['num_steps']} steps"]
-    data = {"label": label, "checkpoint": checkpoint, "rows": result.rows, "ratio_by_step": result.ratio_by_step,
-            "adjoint": result.adjoint, "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
-            "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist(),
-                        "ratio": shown.ratio.mean(1).tolist()}}
+    spec = asdict(FeatureNetSpec(image_size=cfg.model.toy.image_size, train_steps=FEATURE_STEPS))
+    result = eval_job(cfg_dict, checkpoint, label, eval_settings(cfg), spec, NUM_REFERENCE)
+    data = {"label": label, "checkpoint": checkpoint, **result}
     _write_json(Path(path), data)
     return data
 

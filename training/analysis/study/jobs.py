@@ -37,9 +37,13 @@ def eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict,
     quality = ToyQuality(cfg.model.toy.image_size, cfg.model.toy.cache_dir, spec=FeatureNetSpec(**spec),
                          num_reference=num_reference, progress=False)
     started = time.time()
-    result = evaluate_checkpoint(model, reward, EvalSettings(**settings), quality=quality, label=label)
+    eval_settings = EvalSettings(**settings)
+    result = evaluate_checkpoint(model, reward, eval_settings, quality=quality, label=label)
+    shown = result.shown[f"plain, {eval_settings.num_steps} steps"]  # 8 captions' samples, for sample grids
     return {"rows": result.rows, "ratio_by_step": result.ratio_by_step, "adjoint": result.adjoint,
-            "adjoint_total": result.adjoint_total, "seconds": time.time() - started}
+            "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
+            "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist(),
+                        "ratio": shown.ratio.mean(1).tolist()}}
 
 
 def spawn_context():
