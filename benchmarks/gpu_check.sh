@@ -40,7 +40,7 @@ SUMMARY="$OUT/summary.txt"
 
 pack() {  # at most 8 files come back: the summary, the main tables, and every log and result in one archive
   tar czf "$OUT/gpu-check-$DEV.tgz" -C "$WORK" --exclude=./build . 2>/dev/null
-  cp "$WORK"/sweep/sweep.md "$WORK"/sweep/sweep.csv "$OUT"/ 2>/dev/null
+  cp "$WORK"/sweep/sweep.md "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.png "$OUT"/ 2>/dev/null
   cp "$WORK"/rl_step/*.md "$OUT"/ 2>/dev/null
   return 0
 }

@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_sweep --out DIR [--budget-s 150] [--dtypes bf16 fp32]
     python -m benchmarks.gpu_sweep --out DIR --rehearse        # this CPU: same code, tiny shapes, host timers
+    python -m benchmarks.gpu_sweep --replot benchmarks/results/sweep-graph-nvidia-h200.csv  # redraw its PNG
 
 For each of the suite's shapes (S, M, T, F, XL): the fused fm + NormGuard op forward and full pass (forward +
 backward) as a fraction of the device-to-device copy bandwidth measured in the same run, against the same math
@@ -169,15 +170,55 @@ def peak_extra_bytes(fn, device):
     return int(peak_extra_memory_cuda(fn))
 
 
+def plot(csv_path: Path, png_path: Path, title: str = "") -> Path:
+    """Full-pass and forward time as a fraction of copy bandwidth, per shape, one panel per dtype: the figure
+    the issue asks for (bars: ngkernels and its variants, eager, compile)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("full_frac_copy")]
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 7), squeeze=False)
+    for col, dname in enumerate(dtypes):
+        shapes = list(dict.fromkeys(r["shape"] for r in rows if r["dtype"] == dname))
+        width = 0.8 / len(impls)
+        for row_i, key in enumerate(("full_frac_copy", "fwd_frac_copy")):
+            ax = axes[row_i][col]
+            for k, impl in enumerate(impls):
+                vals = {r["shape"]: float(r[key]) for r in rows if r["dtype"] == dname and r["impl"] == impl}
+                xs = [i + (k - len(impls) / 2 + 0.5) * width for i, s in enumerate(shapes) if s in vals]
+                ax.bar(xs, [vals[s] for s in shapes if s in vals], width, label=impl)
+            ax.axhline(0.9, color="k", ls="--", lw=0.8)
+            ax.set_xticks(range(len(shapes)), shapes)
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{dname}: {'full pass (6N bytes)' if row_i == 0 else 'forward (3N bytes)'}")
+            ax.set_ylabel("fraction of copy bandwidth")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or csv_path.stem)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--replot", type=Path, metavar="CSV", help="only redraw CSV's plot (CSV with .png) and exit")
+    p.add_argument("--title", default="", help="the plot's title (--replot; a run names device and versions)")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting new measurements after this")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=tuple(DTYPES))
     p.add_argument("--shapes", nargs="+", default=None)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--rehearse", action="store_true", help="CPU: tiny shapes, Triton interpreter (no timings)")
     args = p.parse_args(argv)
+    if args.replot:
+        print(plot(args.replot, args.replot.with_suffix(".png"), args.title))
+        return 0
+    if args.out is None:
+        p.error("--out is required (or --replot CSV)")
     if args.rehearse:
         device = torch.device("cpu")
         shapes, reps, l2 = REHEARSAL_SHAPES, 2, 1 << 16
@@ -293,6 +334,11 @@ def main(argv=None):
                                        + "\n```\n")
     print("\n".join(lines))
     print(json.dumps(notes, indent=1, default=str))
+    try:
+        plot(args.out / "sweep.csv", args.out / "sweep.png",
+             f"{notes['device']}, torch {notes['torch']}, triton {notes['triton']}, copy {bw / 1e9:.0f} GB/s")
+    except Exception as exc:  # no matplotlib: the CSV and table are the results, the plot is a view of them
+        print(f"plot skipped: {type(exc).__name__}: {exc}")
     return 0
 
 

@@ -8,6 +8,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # One Inductor cache per xdist worker: on the H200 run (2026-12-04, -n 12) two workers built the same C++
+    # kernel into the shared cache and one loaded the other's half-written .so ("file too short"). Read lazily
+    # by Inductor, so setting it here, before any compile, is enough.
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.environ.get('USER', 'user')}_{os.environ['PYTEST_XDIST_WORKER']}")
+
 import triton  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
