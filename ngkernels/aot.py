@@ -17,6 +17,11 @@ from them: argument names and order, which arguments are constexpr, the flags, t
   * tiles: `ops.tile_of` with BLOCK_N rounded up to the next of AOT_BLOCK_NS; the C rule is `ops.launch_plan`
     with those tiles and, per tile, the CTAs per SM its compiled forward kernels allow (registers read from
     the cubins, `ops.ctas_per_sm`), written into the tile table (see `aot_launch_plan`);
+  * one tile width, ops.TILE (4096 elements), for every dtype: the C rule picks the tile from N alone
+    (`ng_launch_plan` and the workspace size take no dtype), whereas the Python launcher narrows it to
+    ops.TILE_BYTES per program-iteration (`ops.tile_for`: fp32 2048). A different plan (ROWS, BLOCK_N, warps,
+    splits) for fp32, not a different value: both compute the same loss and gradient up to float32 summation
+    order (a byte rule in C would need a dtype in those two calls and a tile table per dtype);
   * BLOCK_S and BLOCK_B as the Python launcher sets them (`ops.tile_of`, `ops.BLOCK_B`);
   * REDUCE=True and HAS_W=HAS_T always (a reduction "none" call writes the reduced value to the
     workspace; a missing weight is a workspace row of ones): same results, half the specialisations;

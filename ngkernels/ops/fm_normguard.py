@@ -32,11 +32,16 @@ split count, the chunk length (passed in units of BLOCK_N) and the row-block cou
 The variant key of a launch is therefore (dtype, terms/options flags, BLOCK_N, L2 policy, Triton's
 alignment/==1 hints on pointers, row strides and N): over a training run whose B varies and whose N is
 fixed there is one forward and one backward variant per op; with N varying too, at most one per power of
-two of N up to 4096 (13) times the alignment classes (`variant_bound`).
+two of N up to the dtype's tile (at most 13: 1..4096) times the alignment classes (`variant_bound`).
 
 The launch plan is `launch_plan` (the native generator, `ngkernels.aot`, calls it too): split long rows until
 the grid fills one wave of the device, where a wave is SMs x the CTAs per SM that the compiled kernel's
-registers, shared memory and warps allow (`ctas_per_sm`, read off the compiled kernel, not assumed).
+registers, shared memory and warps allow (`ctas_per_sm`, read off the compiled kernel, not assumed). The tile
+(ROWS x BLOCK_N) is a constant number of bytes of v per program-iteration, TILE_BYTES (`tile_for`): 4096
+elements in bf16/fp16, 2048 in fp32, 1024 in fp64, so every dtype holds the same bytes in flight per program
+(an H200 sweep measured fp32 faster at 2048 than at 4096, bf16 faster at 4096 than at 2048; fp64 is
+unmeasured, and its smaller tile can only lower the 175 registers its forward used at 4096). The native
+library keeps the widest tile, TILE, for every dtype (`ngkernels.aot`).
 
 L2 policy: with `L2_KEEP` on (NGKERNELS_L2_KEEP=1), a forward whose backward will follow marks v and target
 evict_last and v_ref evict_first, and the backward walks programs and chunks in reverse order, so it starts
@@ -59,7 +64,10 @@ import triton.language as tl
 
 from ngkernels.options import LossOptions, accumulation_dtype, reduction_code
 
-TILE = 4096  # elements per program per loop iteration (ROWS x BLOCK_N); NGKERNELS_TILE overrides (benchmarks)
+TILE = 4096  # the widest tile: elements per program per loop iteration (ROWS x BLOCK_N); the AOT library's tile
+# Bytes of v per program-iteration (tile_for): H200, CUDA-graph-timed fwd+bwd, fp32 2048 beat 4096 at every shape
+# (XL [64, 262144] 0.112 vs 0.121 ms) and bf16 4096 beat 2048 at all but S, i.e. 8 KiB in both dtypes.
+TILE_BYTES = 8192
 MAX_SPLITS = 256  # programs a row may be split across
 BLOCK_B = 1024  # the final reduction adds row-block sums in steps of this many
 CPU_SMS, CPU_CTAS_PER_SM = 2, 4  # the interpreter's stand-in device, so CPU tests take the split path too
@@ -326,14 +334,24 @@ def ctas_per_sm(n_regs: int, num_warps: int, shared: int, regs_per_sm: int = 655
 
 
 def variant_bound(n_dtypes: int = 1, n_flag_sets: int = 1) -> int:
-    """Upper bound on the forward variants a run compiles: BLOCK_N takes 13 values (1..4096), and each input
-    pointer, row stride and N are either 16-aligned or not (Triton's hints; 2 classes each, counted jointly as
-    aligned / not, plus N == 1 and stride == 1 for one-element rows): 13 x 2 + 1 per dtype and flag set."""
+    """Upper bound on the forward variants a run compiles: BLOCK_N takes at most 13 values (1..TILE; fp32's tile
+    stops at 2048 and fp64's at 1024, so they take fewer), and each input pointer, row stride and N are either
+    16-aligned or not (Triton's hints; 2 classes each, counted jointly as aligned / not, plus N == 1 and
+    stride == 1 for one-element rows): 13 x 2 + 1 per dtype and flag set."""
     return n_dtypes * n_flag_sets * (13 * 2 + 1)
 
 
-def _tile() -> int:
-    return int(os.environ.get("NGKERNELS_TILE", TILE))
+def tile_for(dtype: torch.dtype) -> int:
+    """Elements per program per loop iteration (ROWS x BLOCK_N) for v of this dtype: NGKERNELS_TILE if set
+    (benchmarks, tests), else TILE_BYTES of it, never more than TILE (bf16/fp16 4096, fp32 2048, fp64 1024).
+    The warps follow from the tile (`tile_of`: 4 below 4096 elements), as in the measured NGKERNELS_TILE runs."""
+    forced = os.environ.get("NGKERNELS_TILE")
+    if forced:
+        tile = int(forced) if forced.isdigit() else 0
+        if tile < 1 or tile & (tile - 1) or tile > TILE:
+            raise ValueError(f"NGKERNELS_TILE must be a power of two from 1 to {TILE}, got {forced!r}")
+        return tile
+    return min(TILE, TILE_BYTES // dtype.itemsize)
 
 
 def _forced_splits(splits):
@@ -411,7 +429,7 @@ def forward_launch(v2d, t2d, r2d, weight, opts: LossOptions, keep: bool = False,
     coef = torch.empty((2, B), dtype=acc, device=dev)
     per_sample = torch.empty(B, dtype=acc, device=dev)
     out = per_sample if code == 0 else torch.empty((), dtype=acc, device=dev)
-    tile = _tile()
+    tile = tile_for(v2d.dtype)
     rows, block_n, num_warps, block_s = tile_of(N, tile)
     kwargs = dict(HAS_T=has_t, HAS_R=has_r, HAS_W=weight is not None, RELATIVE=bool(opts.relative),
                   SQUARED=bool(opts.squared), REDUCE=code != 0, **l2_policies(_keep_in_l2(keep, v2d, t2d)),
@@ -451,7 +469,7 @@ def triton_backward(grad_out, v2d, t2d, coef, opts: LossOptions, has_ref: bool, 
     code = reduction_code(opts.reduction)
     go = grad_out.to(coef.dtype).contiguous()
     has_t = t2d is not None
-    tile = _tile()
+    tile = tile_for(v2d.dtype)
     rows, block_n, num_warps, _ = tile_of(N, tile)
     kwargs = dict(HAS_A=bool(has_ref), HAS_T=has_t, GO_PER_SAMPLE=code == 0, REVERSE=L2_KEEP,
                   ACC=_tl_dtype(coef.dtype), ROWS=rows, BLOCK_N=block_n,

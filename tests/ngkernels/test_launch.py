@@ -103,6 +103,58 @@ def test_launch_plan(B, N):
     assert ops.launch_plan(B, N, 8, splits=3).n_splits == min(3, -(-N // ops.tile_of(N)[1]))
 
 
+def _backward_plan(monkeypatch, v2d, t2d, coef):
+    """(grid, ROWS, BLOCK_N, num_warps) the backward launcher picks, recorded instead of launched."""
+    seen = []
+
+    class Record:
+        fn = ops._bwd_kernel.fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, kwargs["ROWS"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+
+    monkeypatch.setattr(ops, "_bwd_kernel", Record())
+    ops.triton_backward(torch.ones(()), v2d, t2d, coef, LossOptions(reduction="mean"), has_ref=True)
+    return seen[0]
+
+
+@pytest.mark.parametrize("dtype, tile", [(torch.bfloat16, 4096), (torch.float16, 4096), (torch.float32, 2048),
+                                         (torch.float64, 1024)])
+@pytest.mark.parametrize("N", [40, 1500, 9000])
+def test_tile_is_8_kib_per_program_iteration(monkeypatch, dtype, tile, N):
+    """The forward and the backward launch tiles of TILE_BYTES of v (H200: fp32 faster at 2048 elements than at
+    4096, bf16 at 4096 than at 2048): rows fill the tile, BLOCK_N is N's power of two up to it, rows wider than it
+    are split; 8 warps only for the 4096-element tile. TILE stays the widest tile (the AOT library's)."""
+    monkeypatch.delenv("NGKERNELS_TILE", raising=False)
+    assert ops.tile_for(dtype) == tile == min(ops.TILE, ops.TILE_BYTES // dtype.itemsize) and tile <= ops.TILE
+    B = 3
+    v, t, r = (torch.randn(B, N, dtype=dtype) for _ in range(3))
+    grid, _, kwargs, (_, _, coef) = ops.forward_launch(v, t, r, None, LossOptions(reduction="mean"), splits=3)
+    block_n = min(triton.next_power_of_2(N), tile)
+    assert kwargs["ROWS"] * kwargs["BLOCK_N"] == tile and kwargs["BLOCK_N"] == block_n
+    assert kwargs["num_warps"] == (8 if tile == 4096 else 4)
+    assert grid == (-(-B // kwargs["ROWS"]), min(3, -(-N // block_n)))
+    monkeypatch.setenv("NGKERNELS_SPLITS", "3")
+    bwd_grid, rows, bwd_block_n, warps = _backward_plan(monkeypatch, v, t, coef)
+    assert (bwd_grid, rows, bwd_block_n, warps) == (grid, kwargs["ROWS"], block_n, kwargs["num_warps"])
+
+
+def test_tile_override(monkeypatch):
+    """NGKERNELS_TILE (benchmarks, tests) overrides the byte rule in both directions, for every dtype; a value
+    that is not a power of two up to TILE is refused with a one-line error."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        for forced in ("1024", "4096", "16"):
+            monkeypatch.setenv("NGKERNELS_TILE", forced)
+            assert ops.tile_for(dtype) == int(forced)
+            v = torch.randn(2, 9000, dtype=dtype)
+            _, _, kwargs, _ = ops.forward_launch(v, v, v, None, LossOptions())
+            assert kwargs["ROWS"] * kwargs["BLOCK_N"] == int(forced)
+    for bad in ("3000", "8192", "0", "-16", "big"):
+        monkeypatch.setenv("NGKERNELS_TILE", bad)
+        with pytest.raises(ValueError, match="NGKERNELS_TILE must be a power of two"):
+            ops.tile_for(torch.float32)
+
+
 @pytest.mark.parametrize("n_regs, warps, shared, want", [
     (32, 8, 0, 8),  # 256 threads x 32 regs: the thread limit (2048 / 256) binds
     (64, 8, 0, 4),
@@ -149,21 +201,23 @@ def test_variants_bounded_over_a_training_run():
         v, t, r = (torch.randn(B, 16 * 8 * 8) for _ in range(3))
         _, args, kwargs, (_, _, coef) = ops.forward_launch(v, t, r, None, opts, keep=True)
         fwd.append((args, kwargs))
-        plan = ops.launch_plan(B, v.shape[1], 8)
+        plan = ops.launch_plan(B, v.shape[1], 8, tile=ops.tile_for(v.dtype))  # the backward launcher's tile
+        assert (plan.rows, plan.block_n) == (kwargs["ROWS"], kwargs["BLOCK_N"])
         bwd.append((_bwd_args(v, t, coef, plan, B, v.shape[1]), dict(HAS_A=True, HAS_T=True, GO_PER_SAMPLE=False,
                                                                       REVERSE=False, ACC=kwargs["ACC"],
                                                                       ROWS=plan.rows, BLOCK_N=plan.block_n)))
     assert len(_binder_keys("fwd", fwd)) == 1
     assert len(_binder_keys("bwd", bwd)) == 1
-    # N varies too, with misaligned views (storage offset 1) mixed in
-    launches = []
-    for _ in range(200):
-        B, N = rng.randint(1, 64), rng.randint(1, 20000)
-        base = torch.randn(3, B * N + 1)
+    # N varies too, with misaligned views (storage offset 1) and the three tile widths (dtypes) mixed in
+    launches = {dtype: [] for dtype in (torch.float32, torch.bfloat16, torch.float64)}
+    for _ in range(240):
+        B, N, dtype = rng.randint(1, 64), rng.randint(1, 20000), rng.choice(list(launches))
+        base = torch.randn(3, B * N + 1, dtype=dtype)
         off = rng.randint(0, 1)
         v, t, r = (base[i, off:off + B * N].view(B, N) for i in range(3))
-        launches.append(ops.forward_launch(v, t, r, None, opts, keep=False)[1:3])
-    assert len(_binder_keys("fwd", launches)) <= ops.variant_bound()
+        launches[dtype].append(ops.forward_launch(v, t, r, None, opts, keep=False)[1:3])
+    for dtype, runs in launches.items():
+        assert len(_binder_keys("fwd", runs)) <= ops.variant_bound(), dtype
 
 
 def test_l2_hint_is_an_option_off_by_default(monkeypatch, device):
