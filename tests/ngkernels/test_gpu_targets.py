@@ -89,7 +89,8 @@ def _compile_case(variant, problem, dtype, cc):
 
     B, N = PROBLEMS[problem]
     has_t, has_r, has_w, rel, sq, red = VARIANTS[variant]
-    plan = ops.launch_plan(B, N, 132 * 2)
+    tile = ops.tile_for(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]))
+    plan = ops.launch_plan(B, N, 132 * 2, tile=tile)  # the Python launcher's plan for this dtype
     rows, block_n, num_warps = plan.rows, plan.block_n, plan.num_warps
     ptr = "*" + TYPES[dtype]
     fwd = _compile(ops._fwd_kernel, dict(V=ptr, T=ptr, R=ptr, **FWD_ARGS),
