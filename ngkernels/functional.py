@@ -91,14 +91,15 @@ def _fused(v, target, v_ref, weight, opts: LossOptions, stats: bool = True):
     opts = LossOptions(float(opts.ng_lambda), float(opts.margin), bool(opts.relative), bool(opts.squared),
                        opts.reduction)
     keep = torch.is_grad_enabled() and v.requires_grad  # a backward will re-read v and target
-    if backend == "torch" and compiled_cpu.enabled(v):  # large CPU tensors: this function, compiled
-        const = compiled_cpu.constant_input
-        key = (v.dtype, v.dim(), target is None, v_ref is None, weight is None, opts.relative, opts.squared,
-               opts.reduction, keep, stats)
-        out = compiled_cpu.run(_rows_and_loss, key, v, const(target), const(v_ref), const(weight),
-                               compiled_cpu.with_tensor_scalars(opts), backend, keep, stats)
-        if out is not None:
-            return out
+    if backend == "torch":
+        key = compiled_cpu.Variant(v.dtype, v.dim(), target is not None, v_ref is not None, weight is not None,
+                                   opts.relative, opts.squared, opts.reduction, keep, stats)
+        if compiled_cpu.enabled(v, key):  # large CPU tensors, once the compile has paid: this function, compiled
+            const = compiled_cpu.constant_input
+            out = compiled_cpu.run(_rows_and_loss, key, v, const(target), const(v_ref), const(weight),
+                                   compiled_cpu.with_tensor_scalars(opts), backend, keep, stats)
+            if out is not None:
+                return out
     return _rows_and_loss(v, target, v_ref, weight, opts, backend, keep, stats)
 
 

@@ -1,8 +1,9 @@
-"""The compiled CPU path (ngkernels/compiled_cpu.py): taken from COMPILE_MIN_NUMEL elements, right against the
-float64 oracle on odd sizes, misaligned and strided views and every dtype, no recompile when B and N vary, and
-the eager path when compiling fails (one warning).
+"""The compiled CPU path (ngkernels/compiled_cpu.py): right against the float64 oracle on odd sizes, misaligned
+and strided views and every dtype, no recompile when B and N vary, the eager path when compiling fails (one
+warning), and under auto the switch from eager to compiled at the call the pay-back rule predicts.
 
-The threshold is lowered so that small inputs take the compiled path; the tests share their options and layouts
+The tests of the compiled path force it (NGKERNELS_CPU_COMPILE=1, so that small inputs take it); those of auto
+lower its size floor to 64 elements and its prices to a few calls' savings. They share their options and layouts
 where they can, so that they share compiled variants (each costs seconds)."""
 
 import os
@@ -29,16 +30,23 @@ pytestmark = pytest.mark.skipif(
     reason="torch.compile on CPU needs Dynamo and a C++ compiler (the fallback without one is tested below)")
 
 OPTS = dict(ng_lambda=0.7, margin=0.1, relative=True, squared=True, reduction="none")
+# a call's `run` key: fm_normguard, float32, a backward follows (what the estimated saving depends on)
+KEY = compiled_cpu.Variant(torch.float32, 2, True, True, False, False, False, "mean", True, False)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """Lowers the threshold to 64 elements and records each compiled call: [succeeded, ...]."""
+    """Compiles from the first call whatever the size (NGKERNELS_CPU_COMPILE=1), with auto's size floor lowered to
+    64 elements and its pay-back state fresh (for the tests that set auto); records each compiled call:
+    [succeeded, ...]."""
     monkeypatch.setenv("NGKERNELS_BACKEND", "torch")
-    monkeypatch.delenv("NGKERNELS_CPU_COMPILE", raising=False)
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "1")
     monkeypatch.setattr(compiled_cpu, "COMPILE_MIN_NUMEL", 64)
     monkeypatch.setattr(compiled_cpu, "_FAILED", [])
+    monkeypatch.setattr(compiled_cpu, "_FORGONE", {})
+    monkeypatch.setattr(compiled_cpu, "_BOUGHT", set())
+    monkeypatch.setattr(compiled_cpu, "_LONG_RUN", [])
     # this file compiles more variants than a call site would: keep them all, and fail rather than run eagerly
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
@@ -153,25 +161,84 @@ def test_no_recompile_when_shapes_vary(compiled_calls, monkeypatch):
 
 
 def test_plain_path_below_threshold_off_and_under_a_dispatch_mode(compiled_calls, monkeypatch):
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "auto")
+    compiled_cpu.assume_long_run()  # the price counts as paid: the size floor alone decides
     v, target, v_ref, weight = make_inputs((2, 31), torch.float32, "cpu")  # 62 elements: under the threshold
     check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32)
     assert compiled_calls == []
     big = torch.zeros(4, 64)
-    assert compiled_cpu.enabled(big)
+    assert compiled_cpu.enabled(big, KEY)
 
     class PassThrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with PassThrough():
-        assert not compiled_cpu.enabled(big)
+        assert not compiled_cpu.enabled(big, KEY)
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "0")
-    assert not compiled_cpu.enabled(big)
+    assert not compiled_cpu.enabled(big, KEY)
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "1")
-    assert compiled_cpu.enabled(torch.zeros(2, 3))
+    assert compiled_cpu.enabled(torch.zeros(2, 3), KEY)
     monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "yes")
     with pytest.raises(ValueError, match="NGKERNELS_CPU_COMPILE"):
         ngkernels.velocity_norms(big)
+
+
+def test_auto_compiles_at_the_call_that_pays_for_it(compiled_calls, monkeypatch):
+    """Ski rental: eager until the estimated savings forgone reach the compile's price, then compiled; the switch
+    at the predicted call (here the 3rd: the price is 2.5 calls' savings), the same values on both sides of it."""
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "auto")
+    v, target, v_ref, weight = layout("odd", (5, 3, 37), torch.float32)  # as the tests above: their compiled code
+    key = KEY._replace(rank=3, weight=True, relative=True, squared=True, reduction="none", stats=True)
+    monkeypatch.setattr(compiled_cpu, "COMPILE_COST_S", 2.5 * compiled_cpu.estimated_saving_s(v.numel(), key))
+    grads = [check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32)]
+    assert compiled_calls == []
+    grads.append(check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32))
+    assert compiled_calls == []
+    assert compiled_cpu._FORGONE[key] == pytest.approx(2 / 2.5 * compiled_cpu.COMPILE_COST_S)
+    for n in (1, 2):
+        grads.append(check_against_oracle("fm_normguard", v, target, v_ref, weight, OPTS, torch.float32))
+        assert compiled_calls == [True] * n
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-5, atol=1e-7)  # compiled vs eager, float32 rounding
+    torch.testing.assert_close(grads[3], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_pay_back_arithmetic(compiled_calls, monkeypatch):
+    """The rule itself, through `enabled` alone (no compile): calls under the size floor neither compile nor count;
+    the first compile's price is paid by all keys' savings together, a later key's VARIANT_COST_S by its own;
+    a key that saves nothing never compiles; 0 and 1 ignore the counts."""
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "auto")
+    big, tiny = torch.zeros(4, 64), torch.zeros(4, 8)
+    bf16 = KEY._replace(dtype=torch.bfloat16)
+    unit = compiled_cpu.estimated_saving_s(big.numel(), KEY)
+    assert compiled_cpu.estimated_saving_s(big.numel(), bf16) > unit > 0  # bf16's eager path has upcasts to fuse
+    per_element = [compiled_cpu.estimated_saving_s(n, KEY) / n for n in (1 << 20, compiled_cpu.LARGE_NUMEL)]
+    assert per_element[1] > per_element[0]  # past the last-level cache each eager pass goes to DRAM
+    bf16_unit = compiled_cpu.estimated_saving_s(big.numel(), bf16)
+    monkeypatch.setattr(compiled_cpu, "COMPILE_COST_S", unit + unit + bf16_unit)
+    monkeypatch.setattr(compiled_cpu, "VARIANT_COST_S", 1.5 * unit)
+    assert not any(compiled_cpu.enabled(tiny, KEY) for _ in range(100))
+    assert compiled_cpu._FORGONE == {}
+    # the first compile: the savings of all keys together (two fp32 calls, then a bf16 one, pay the price above)
+    assert [compiled_cpu.enabled(big, KEY), compiled_cpu.enabled(big, KEY), compiled_cpu.enabled(big, bf16)] == [
+        False, False, True]
+    assert compiled_cpu.enabled(big, bf16) and not compiled_cpu.enabled(big, KEY._replace(rank=4))
+    monkeypatch.setattr(compiled_cpu, "COMPILE_COST_S", 3.5 * unit)
+    monkeypatch.setattr(compiled_cpu, "_BOUGHT", set())
+    monkeypatch.setattr(compiled_cpu, "_FORGONE", {})
+    assert [compiled_cpu.enabled(big, KEY) for _ in range(5)] == [False, False, False, True, True]
+    # another key after the first compile: its own savings against VARIANT_COST_S (1.5 calls)
+    other = KEY._replace(reduction="sum")
+    assert [compiled_cpu.enabled(big, other) for _ in range(3)] == [False, True, True]
+    nothing_saved = KEY._replace(target=False)  # normguard fwd+bwd in float32: no measurable saving
+    assert compiled_cpu.estimated_saving_s(big.numel(), nothing_saved) == 0.0
+    assert not any(compiled_cpu.enabled(big, nothing_saved) for _ in range(1000))
+    fresh = KEY._replace(rank=5)
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "1")
+    assert compiled_cpu.enabled(tiny, fresh) and compiled_cpu.enabled(big, nothing_saved)
+    monkeypatch.setenv("NGKERNELS_CPU_COMPILE", "0")
+    assert not compiled_cpu.enabled(big, KEY)
+    assert fresh not in compiled_cpu._FORGONE  # 0 and 1 count nothing
 
 
 def test_inside_torch_compile(compiled_calls):
@@ -235,7 +302,7 @@ def test_no_cxx_compiler_falls_back_in_a_fresh_process(tmp_path):
     """A real failure: CXX names no compiler and the Inductor cache is empty, so compiling must fail; the op
     still gives the plain path's values, with one warning."""
     env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
-               NGKERNELS_BACKEND="torch", NGKERNELS_CPU_COMPILE="auto")
+               NGKERNELS_BACKEND="torch", NGKERNELS_CPU_COMPILE="1")
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
