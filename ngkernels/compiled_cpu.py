@@ -97,7 +97,9 @@ CHOICES = ("auto", "0", "1")
 
 # The compile's price, in CPU seconds (benchmarks/cpu_payback.py --first-call, torch 2.13, this 2-core machine
 # under load, Inductor's on-disk cache warm): importing torch._dynamo and torch._inductor.compile_fx 3.3 s, then
-# the first compiled fm_normguard S fp32 fwd+bwd 6.2 s (wall 3.9 + 7.2 s); a second variant (bf16) 1.4 s.
+# the first compiled fm_normguard S fp32 fwd+bwd 6.2 s (wall 3.9 + 7.2 s); a second variant (bf16) 1.4 s. (CPU time
+# of the process and its waited-for children. With a cold cache, a machine's first process: 4.2 + 15.6 s, and
+# 7.1 s for the second variant; the rule prices the usual, warm case.)
 COMPILE_COST_S = 9.5  # the first compile of a process
 VARIANT_COST_S = 1.5  # each later `run` key
 # CPU nanoseconds a call saves per element of v by running compiled instead of eagerly. Measured with
@@ -105,7 +107,7 @@ VARIANT_COST_S = 1.5  # each later `run` key
 # call), eager torch backend vs compiled path timed in alternation, median thread CPU time at 1 torch thread (the
 # machine was loaded by other jobs: CPU time leaves out their share of the cores, which wall time would count),
 # at S [16, 16, 64, 64] and T [8, 4096, 64]. The value is the median of those (full pass: two runs x S, T; no_grad:
-# one run x S, T), rounded; single measurements scatter by +-40 % around it. An estimate too low by a factor a
+# one run x S, T), rounded; single measurements scatter by up to 2x around it. An estimate too low by a factor a
 # delays the switch (worst case 1 + 1/a instead of 2), one too high by b brings it early (1 + b). Key: (op,
 # backward follows, dtype); "norms" (velocity_norms: no target, no v_ref) takes normguard's no-grad forward;
 # float16 takes bfloat16's numbers and float64 float32's (the same eager passes with and without upcasts; not
