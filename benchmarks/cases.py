@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._functorch import config as functorch_config
 
 import ngkernels
 from ngkernels import compiled_cpu
 from ngkernels import functional as ngk_functional
 from ngkernels import reference
+
+# "backward" mode re-runs the backward of one retained graph. A torch.compile'd backward with donated buffers
+# (torch's default) refuses retain_graph=True ("compiled with non-empty donated buffers"), which on CPU is both
+# `compile` and the compiled ngkernels path; so the suite turns donation off, for every implementation alike.
+functorch_config.donated_buffer = False
 
 # Issue 4's shapes; v, v_ref and target share the shape.
 SHAPE_SETS = {
