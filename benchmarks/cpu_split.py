@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from benchmarks import cases
+from benchmarks.cpu_ab import CLOCKS
 from ngkernels import compiled_cpu
 from ngkernels import functional as ngk_functional
 from ngkernels.options import LossOptions
 
-CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 IMPLS = ("ngkernels", "compiled", "compile")
 
 

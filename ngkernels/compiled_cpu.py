@@ -131,7 +131,7 @@ _MEASURED_AS = {torch.float16: torch.bfloat16, torch.float64: torch.float32}
 
 _COMPILED: dict = {}  # (function, key) -> the torch.compile wrapper of its own copy
 _FAILED: list = []  # the error that switched compiling off for this process (at most one)
-_FORGONE: dict = {}  # under auto: key -> estimated CPU seconds its eager calls would have saved compiled; None: all
+_FORGONE: dict = {}  # under auto: key -> estimated CPU seconds its eager calls would have saved compiled
 _BOUGHT: set = set()  # under auto: the keys whose compile has been paid for (they run compiled from then on)
 _LONG_RUN: list = []  # [True] after assume_long_run(): under auto the price counts as paid
 
@@ -173,8 +173,7 @@ def _paid_for(numel: int, key: Variant) -> bool:
         return True
     saving = estimated_saving_s(numel, key)
     _FORGONE[key] = _FORGONE.get(key, 0.0) + saving
-    _FORGONE[None] = _FORGONE.get(None, 0.0) + saving
-    forgone, price = (_FORGONE[key], VARIANT_COST_S) if _BOUGHT else (_FORGONE[None], COMPILE_COST_S)
+    forgone, price = (_FORGONE[key], VARIANT_COST_S) if _BOUGHT else (sum(_FORGONE.values()), COMPILE_COST_S)
     if saving > 0.0 and forgone >= price:
         _BOUGHT.add(key)
         return True
