@@ -190,7 +190,7 @@ def assume_long_run():
 def enabled(v: torch.Tensor, key: Variant) -> bool:
     """Whether this call runs compiled (the module docstring says why each condition). Under auto, a call that
     could compile but runs eagerly counts towards paying for the compile of its key."""
-    if torch.compiler.is_compiling() or v.device.type != "cpu" or _FAILED:
+    if not v.is_cpu or _FAILED or torch.compiler.is_compiling():
         return False
     choice = os.environ.get("NGKERNELS_CPU_COMPILE", "auto")
     if choice not in CHOICES:
@@ -203,24 +203,24 @@ def enabled(v: torch.Tensor, key: Variant) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _scalars(ng_lambda: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # two tensors even for equal values (Dynamo guards that distinct inputs do not alias); float64, so that they
-    # promote as the eager path's Python floats do (to the other operand's dtype)
-    return torch.tensor(ng_lambda, dtype=torch.float64), torch.tensor(margin, dtype=torch.float64)
-
-
 def with_tensor_scalars(opts: LossOptions) -> LossOptions:
-    """opts with ng_lambda and margin as 0-d tensors: inputs of the compiled graph, not constants baked into it."""
-    ng_lambda, margin = _scalars(float(opts.ng_lambda), float(opts.margin))
-    return opts._replace(ng_lambda=ng_lambda, margin=margin)
+    """opts with ng_lambda and margin as 0-d tensors: inputs of the compiled graph, not constants baked into it.
+    Made once per distinct opts (the call's front costs microseconds per step, see compiled-call overhead in
+    benchmarks/README.md) and never written to. Two tensors even for equal values (Dynamo guards that distinct
+    inputs do not alias); float64, so that they promote as the eager path's Python floats do (to the other
+    operand's dtype)."""
+    return opts._replace(ng_lambda=torch.tensor(float(opts.ng_lambda), dtype=torch.float64),
+                         margin=torch.tensor(float(opts.margin), dtype=torch.float64))
 
 
 def constant_input(x):
     """A constant (no-grad) input as the compiled graph takes it: contiguous and not a view, so that neither its
-    row stride nor a view's base becomes a guard."""
+    row stride nor a view's base becomes a guard. A contiguous non-view that needs no grad is passed as it is."""
     if x is None:
         return None
-    return x.detach() if x.is_contiguous() else x.contiguous()
+    if not x.is_contiguous():
+        return x.contiguous()
+    return x.detach() if x.requires_grad or x._base is not None else x
 
 
 def _inputs_free_to_save():

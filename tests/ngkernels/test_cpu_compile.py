@@ -129,6 +129,44 @@ def test_loss_only_graph_matches_the_one_with_stats(compiled_calls):
     assert compiled_calls == [True, True]
 
 
+def test_constant_inputs_reach_the_graph_as_plain_tensors(compiled_calls):
+    """constant_input hands the compiled graph target and v_ref as contiguous non-views without grad: a plain
+    tensor as it is (no per-call detach), one that requires grad or is a view of a larger buffer detached, a
+    strided one copied. Values and gradient stay the oracle's, and target gets no gradient."""
+    plain = torch.randn(4, 6)
+    assert compiled_cpu.constant_input(plain) is plain and compiled_cpu.constant_input(None) is None
+    wants_grad = torch.randn(4, 6, requires_grad=True)
+    view = torch.randn(30)[3:27].view(4, 6)
+    strided = torch.randn(4, 9)[:, 1:7]
+    for x in (wants_grad, view, strided):
+        y = compiled_cpu.constant_input(x)
+        assert y is not x and y._base is None and not y.requires_grad and y.is_contiguous()
+        assert torch.equal(y, x.detach())
+    v, target, v_ref, weight = make_inputs((4, 3, 2), torch.float32, "cpu", seed=5)
+    ref_view = torch.cat([v_ref.reshape(-1), torch.zeros(3)])[:v_ref.numel()].view(v_ref.shape)
+    check_against_oracle("fm_normguard", v, target, ref_view, weight, OPTS, torch.float32)
+    grads = []
+    for t, r in ((target.detach().requires_grad_(True), ref_view), (target, v_ref)):
+        x = v.detach().requires_grad_(True)
+        ngkernels.fm_normguard_loss(x, t, r, weight=weight, **OPTS).sum().backward()
+        assert t.grad is None
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert compiled_calls == [True, True, True]
+
+
+def test_tensor_scalars_made_once_per_options():
+    """The compiled graph takes ng_lambda and margin as 0-d float64 tensors (no recompile when lambda changes),
+    made once per distinct options: two distinct tensors (Dynamo guards that inputs do not alias)."""
+    from ngkernels.options import LossOptions
+    a = compiled_cpu.with_tensor_scalars(LossOptions(0.25, 0.25, True, False, "sum"))
+    assert a is compiled_cpu.with_tensor_scalars(LossOptions(0.25, 0.25, True, False, "sum"))
+    assert a.ng_lambda is not a.margin and a.ng_lambda.dtype == torch.float64 and a.ng_lambda.dim() == 0
+    assert (a.ng_lambda.item(), a.margin.item(), a.relative, a.squared, a.reduction) == (0.25, 0.25, True, False, "sum")
+    b = compiled_cpu.with_tensor_scalars(LossOptions(0.5, 0.25, True, False, "sum"))
+    assert b.ng_lambda.item() == 0.5 and b.ng_lambda is not a.ng_lambda
+
+
 def test_velocity_norms_compiled(compiled_calls):
     v = make_inputs((6, 50), torch.bfloat16, "cpu")[0]
     torch.testing.assert_close(ngkernels.velocity_norms(v).double(), v.double().norm(dim=1), rtol=2e-6, atol=0)
