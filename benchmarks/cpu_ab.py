@@ -69,7 +69,10 @@ def measure(op: str, shape: str, dtype: str, reps: int, repeats: int, warmup: in
     passes = {}
     first = {}
     inputs = cases.make_inputs(cases.Case(op, "compile", "full", shape, dims, dtype), device)  # shared: see above
-    for impl in ("ngkernels", "compile"):
+    # compile traces first: a call of ngkernels' compiled path leaves `_dynamo_propagated_dynamic_indices` on the
+    # shared inputs, and a torch.compile that first traces them after that makes those sizes symbolic (before
+    # 2026-12-04 20:30 UTC this ran ngkernels first, so its "compile" was partly symbolic: benchmarks/README.md)
+    for impl in ("compile", "ngkernels"):
         case = cases.Case(op, impl, "full", shape, dims, dtype)
         p = passes[impl] = cases.Pass(case, inputs)
         p.reset()
