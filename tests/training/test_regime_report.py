@@ -247,7 +247,26 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
     assert "matched off checkpoint step 15 not evaluated" in text  # s1's matched checkpoint
     assert "Wall time of the runs" in text and "Commit:" in text
     assert (tmp_path / "regime_adaptive.png").is_file()
+    assert (tmp_path / "regime_sweep.png").is_file() and "![sweep](regime_sweep.png)" in text
     assert (tmp_path / "regime_grid_sd3_nft_caption_match_s0.png").is_file()
     assert "regime_grid_sd3_nft_caption_match_s0.png" in text
     # the command's bad input: one line, exit code 2
     assert main(["--steps", "20", "--out", str(tmp_path), "--stages", "nope"]) == 2
+
+
+def test_sweep_plot_draws_the_forms_evaluated_so_far(tmp_path):
+    """T7's trade-off plot from summaries with missing seeds and missing forms (a sweep still running): one point
+    per form with an evaluated seed, NG-off as the reference; nothing to draw without any."""
+    from training.analysis.study.regime_report import plot_sweep
+
+    def summary(label, form, reward, infl, fd=None):
+        keys = {k: [None, None] for k in tables.SWEEP_KEYS}
+        keys.update(reward_mean=[reward, None], norm_inflation_pct=[infl, None], fd=[fd, None])
+        return tables.FormSummary(label=label, form=form, seeds=[100, 101], per_seed=keys, reward_std=[0.1, None])
+
+    forms = [summary("off", None, 0.6, 7.0, 40.0), summary("a", (0.01, 0.0, False, False, False), 0.6, 5.0, 41.0),
+             summary("b", (1.0, 0.02, True, True, True), 0.55, -2.0), summary("c", (0.1, 0.0, True, False, True), None,
+                                                                              None)]
+    path = plot_sweep(forms, tmp_path / "sweep.png")
+    assert path is not None and path.stat().st_size > 10_000
+    assert plot_sweep([forms[-1]], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -12,8 +12,8 @@ table with missing runs is labelled partial and gives intervals only where n >= 
 
 The statistics, the selection rule and the tables are training.analysis.study.tables' (pure functions); this
 module does the loading, the header (commit, date, machine, wall times), the T8 plot and the sample grids
-(training.grids.render_grid). Output, next to each other in --out: regime.md, regime_adaptive.png and
-regime_grid_<model>_<method>_<reward>_s<seed>.png.
+(training.grids.render_grid). Output, next to each other in --out: regime.md, regime_sweep.png (T7's trade-off
+plot), regime_adaptive.png and regime_grid_<model>_<method>_<reward>_s<seed>.png.
 
 Stage sd3-fixed needs the fixed form. Without --fixed-form it takes the sweep's selection when the whole sweep
 is evaluated (and says so); otherwise the fixed arm is reported as not available.
@@ -177,6 +177,59 @@ def plot_adaptive(runs: list[tables.Run], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def plot_sweep(summaries: list[tables.FormSummary], path: Path) -> Path | None:
+    """T7 as a picture: each form's final reward, FD and MMD against its sampling-time inflation (means over the
+    seeds evaluated so far), colour = lambda, marker = plain/squared x per-sample/per-token, filled = absolute,
+    hollow = relative, larger = margin > 0; NG-off as a black star with its reward and inflation as dashed lines. For a reader who picks
+    a form for another trade-off than the selection rule's."""
+    from training.analysis.io import pyplot
+    from training.tracking import save_figure
+
+    pts = [f for f in summaries if f.mean("reward_mean") is not None and f.mean("norm_inflation_pct") is not None]
+    if not pts:
+        return None
+    plt = pyplot()
+    panels = (("reward_mean", "final reward (higher is better)"), ("fd", "FD (lower is better)"),
+              ("pixel_mmd", "pixel MMD (lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    lambdas = sorted({f.form[0] for f in pts if f.form is not None})
+    colours = dict(zip(lambdas, plt.get_cmap("viridis")(
+        [i / max(1, len(lambdas) - 1) for i in range(len(lambdas))])))
+    markers = {(False, False): "o", (True, False): "s", (False, True): "^", (True, True): "D"}  # (squared, token)
+    for ax, (key, label) in zip(axes, panels):
+        for f in pts:
+            y = f.mean(key)
+            if y is None:
+                continue
+            x = f.mean("norm_inflation_pct")
+            if f.form is None:
+                ax.scatter([x], [y], marker="*", s=160, color="black", zorder=3)
+                ax.axvline(x, color="black", ls="--", lw=0.7)
+                ax.axhline(y, color="black", ls="--", lw=0.7)
+                continue
+            lam, margin, relative, squared, per_token = f.form
+            c = colours[lam]
+            ax.scatter([x], [y], marker=markers[(bool(squared), bool(per_token))], s=36 if margin == 0 else 90,
+                       zorder=2,
+                       facecolors="none" if relative else c, edgecolors=c)
+        ax.set_xlabel("sampling-time inflation % (mean over seeds)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker="*", color="black", ms=10, label="NormGuard off")]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[lam], label=f"lambda {lam:g}") for lam in lambdas]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="gray",
+                           label=f"{'squared' if sq else 'plain'}, {'per-token' if tok else 'per-sample'}")
+                for (sq, tok), m in markers.items()]
+    handles += [plt.Line2D([], [], ls="", marker="o", color="gray", mfc="none", label="relative (hollow)"),
+                plt.Line2D([], [], ls="", marker="o", color="gray", ms=10, label="margin > 0 (larger)")]
+    axes[-1].legend(handles=handles, fontsize=7, loc="best")
+    n_seeds = max(sum(v is not None for v in f.per_seed["reward_mean"]) for f in pts)
+    n_forms = sum(f.form is not None for f in pts)
+    fig.suptitle(f"NormGuard forms (sd3 toy, NFT, colorfulness): {n_forms} forms with an evaluated seed "
+                 f"(up to {n_seeds} seed(s) each)", fontsize=10)
+    return save_figure(fig, path)
+
+
 def _cells(ev: dict, reward, is_reference: bool):
     """An evaluation's stored samples -> (prompts, [training.grids.Cell]). The reward is the run's, re-scored on
     the stored uint8 images; the per-image ratio is the stored one where the JSON has it (the reference: 1)."""
@@ -267,7 +320,9 @@ def _reference_section(refs: dict[str, dict]) -> str:
             "evaluation captions, the floor of FD and MMD.\n")
 
 
-def sweep_section(runs: list[tables.Run]) -> tuple[str, tables.Selection | None]:
+def sweep_section(runs: list[tables.Run], plot_dir: Path | None = None) -> tuple[str, tables.Selection | None]:
+    """T7's section of the report (and the selection, once every sweep run is evaluated); with plot_dir, also
+    its trade-off plot regime_sweep.png there."""
     sweep = [r for r in runs if r.stage == "sweep"]
     summaries = tables.sweep_summaries(sweep, SWEEP_SEEDS)
     evaluated = sum(r.final is not None for r in sweep)
@@ -300,6 +355,9 @@ def sweep_section(runs: list[tables.Run]) -> tuple[str, tables.Selection | None]
     shown = [f for f in summaries if any(v is not None for vals in f.per_seed.values() for v in vals)]
     if shown:
         lines += [tables.sweep_table(shown, selection), ""]
+    if plot_dir is not None and (plot := plot_sweep(shown, Path(plot_dir) / "regime_sweep.png")) is not None:
+        lines += ["Each form's reward, FD and MMD against its inflation (means over the seeds evaluated so far):", "",
+                  f"![sweep]({plot.name})", ""]
     missing = [f.label for f in summaries if f not in shown]
     if missing:
         lines += [f"Forms with no evaluated seed ({len(missing)}): {', '.join(missing)}.", ""]
@@ -328,7 +386,7 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
     if fixed_note:
         parts += [fixed_note, ""]
     if "sweep" in stages:
-        parts += ["## The sweep", "", sweep_section(runs)[0]]  # the same selection as `selection`
+        parts += ["## The sweep", "", sweep_section(runs, out_dir)[0]]  # the same selection as `selection`
     main = [r for r in runs if r.stage != "sweep"]
     if main:
         parts += ["## The main grid", ""]
