@@ -248,6 +248,7 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
     assert "Wall time of the runs" in text and "Commit:" in text
     assert (tmp_path / "regime_adaptive.png").is_file()
     assert (tmp_path / "regime_sweep.png").is_file() and "![sweep](regime_sweep.png)" in text
+    assert (tmp_path / "regime_sweep_ratio.png").is_file() and "![sweep ratio](regime_sweep_ratio.png)" in text
     assert (tmp_path / "regime_grid_sd3_nft_caption_match_s0.png").is_file()
     assert "regime_grid_sd3_nft_caption_match_s0.png" in text
     # the command's bad input: one line, exit code 2

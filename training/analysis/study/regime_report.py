@@ -13,7 +13,8 @@ table with missing runs is labelled partial and gives intervals only where n >= 
 The statistics, the selection rule and the tables are training.analysis.study.tables' (pure functions); this
 module does the loading, the header (commit, date, machine, wall times), the T8 plot and the sample grids
 (training.grids.render_grid). Output, next to each other in --out: regime.md, regime_sweep.png (T7's trade-off
-plot), regime_adaptive.png and regime_grid_<model>_<method>_<reward>_s<seed>.png.
+plot), regime_sweep_ratio.png (the sweep's training ratio per step), regime_adaptive.png and
+regime_grid_<model>_<method>_<reward>_s<seed>.png.
 
 Stage sd3-fixed needs the fixed form. Without --fixed-form it takes the sweep's selection when the whole sweep
 is evaluated (and says so); otherwise the fixed arm is reported as not available.
@@ -230,6 +231,47 @@ def plot_sweep(summaries: list[tables.FormSummary], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def plot_sweep_ratios(runs: list[tables.Run], path: Path, window: int = 10) -> Path | None:
+    """The sweep's logged training ratio ||v|| / ||v_ref|| against the RL step, one line per finished run
+    (a trailing mean over `window` steps), one panel per lambda, NG-off in black in each: how fast each form acts
+    and where it settles (the fixed hinge's overshoot below 1 that issue 14 reports)."""
+    from training.analysis.io import pyplot
+    from training.tracking import save_figure
+
+    done = [r for r in runs if r.stage == "sweep" and r.done and r.metrics]
+    lambdas = sorted({r.form[0] for r in done if r.form is not None})
+    if not done or not lambdas:
+        return None
+
+    def smoothed(r):
+        xs = [m["step"] for m in r.metrics]
+        ys = [m.get("norm_ratio", math.nan) for m in r.metrics]
+        return xs, [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
+                    for i in range(len(ys))]
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(lambdas), figsize=(5 * len(lambdas), 4), sharey=True, squeeze=False)
+    styles = {(False, False): "-", (True, False): "--", (False, True): ":", (True, True): "-."}  # (squared, token)
+    for ax, lam in zip(axes[0], lambdas):
+        for r in done:
+            if r.form is None:
+                ax.plot(*smoothed(r), color="black", lw=1.2, label=f"off s{r.seed}")
+            elif r.form[0] == lam:
+                _lam, margin, relative, squared, per_token = r.form
+                ax.plot(*smoothed(r), lw=0.8, ls=styles[(bool(squared), bool(per_token))],
+                        color=("tab:orange" if relative else "tab:blue") if margin == 0 else
+                        ("tab:red" if relative else "tab:green"), label=f"{r.arm} s{r.seed}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"lambda {lam:g}", fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=5, ncol=2)
+    axes[0][0].set_ylabel(f"logged training ratio ||v|| / ||v_ref|| (trailing mean of {window})")
+    fig.suptitle("Sweep: training ratio per form (colour: absolute/relative x margin 0/0.02; line: plain/squared x "
+                 "per-sample/per-token)", fontsize=9)
+    return save_figure(fig, path)
+
+
 def _cells(ev: dict, reward, is_reference: bool):
     """An evaluation's stored samples -> (prompts, [training.grids.Cell]). The reward is the run's, re-scored on
     the stored uint8 images; the per-image ratio is the stored one where the JSON has it (the reference: 1)."""
@@ -358,6 +400,9 @@ def sweep_section(runs: list[tables.Run], plot_dir: Path | None = None) -> tuple
     if plot_dir is not None and (plot := plot_sweep(shown, Path(plot_dir) / "regime_sweep.png")) is not None:
         lines += ["Each form's reward, FD and MMD against its inflation (means over the seeds evaluated so far):", "",
                   f"![sweep]({plot.name})", ""]
+    if plot_dir is not None and (plot := plot_sweep_ratios(runs, Path(plot_dir) / "regime_sweep_ratio.png")):
+        lines += ["The logged training ratio of each finished sweep run during training:", "",
+                  f"![sweep ratio]({plot.name})", ""]
     missing = [f.label for f in summaries if f not in shown]
     if missing:
         lines += [f"Forms with no evaluated seed ({len(missing)}): {', '.join(missing)}.", ""]
