@@ -48,17 +48,23 @@ def peak_extra_memory_cuda(fn: Pass) -> float:
     return torch.cuda.max_memory_allocated() - base
 
 
-def peak_extra_memory_cpu(fn: Pass) -> float:
-    """The same on CPU, replaying the CPU allocator's allocation/free records from the profiler."""
+def peak_extra_memory_cpu(fn: Pass, passes: int = 3) -> float:
+    """The same on CPU, replaying the CPU allocator's allocation/free records from the profiler: the largest peak of
+    `passes` profiled passes (one CI run, 2026-12-04, read 4 bytes for a tiny full pass whose gradient is 1536: the
+    profiler had missed the backward's records once; a pass cannot use less than it allocates, so the max is the
+    robust reading)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn.reset()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                     key=lambda e: e.start_ns())
-    current = peak = 0
-    for record in records:
-        current += record.nbytes()
-        peak = max(peak, current)
-    return peak
+    best = 0
+    for _ in range(passes):
+        fn.reset()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                         key=lambda e: e.start_ns())
+        current = peak = 0
+        for record in records:
+            current += record.nbytes()
+            peak = max(peak, current)
+        best = max(best, peak)
+    return best
