@@ -206,9 +206,9 @@ def enabled(v: torch.Tensor, key: Variant) -> bool:
 def with_tensor_scalars(opts: LossOptions) -> LossOptions:
     """opts with ng_lambda and margin as 0-d tensors: inputs of the compiled graph, not constants baked into it.
     Made once per distinct opts and never written to (every microsecond of the op's Python front counts at S: the
-    front, measured in benchmarks/README.md, is what separates the compiled graph from compile's there). Two tensors even for equal values (Dynamo guards that distinct
-    inputs do not alias); float64, so that they promote as the eager path's Python floats do (to the other
-    operand's dtype)."""
+    front, measured in benchmarks/README.md, is what separates the compiled graph from compile's there). Two
+    tensors even for equal values (Dynamo guards that distinct inputs do not alias); float64, so that they promote
+    as the eager path's Python floats do (to the other operand's dtype)."""
     return opts._replace(ng_lambda=torch.tensor(float(opts.ng_lambda), dtype=torch.float64),
                          margin=torch.tensor(float(opts.margin), dtype=torch.float64))
 

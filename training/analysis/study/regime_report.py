@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from training.analysis.study import tables
+from training.analysis.study.matching import trailing_mean
 from training.analysis.study.regime import MAIN_SEEDS, STAGES, SWEEP_SEEDS, form_label, parse_form, plan
 
 GRID_SEED = 0  # the protocol's sample grids: seed 0 of each main-grid cell (section 3)
@@ -181,8 +182,8 @@ def plot_adaptive(runs: list[tables.Run], path: Path) -> Path | None:
 def plot_sweep(summaries: list[tables.FormSummary], path: Path) -> Path | None:
     """T7 as a picture: each form's final reward, FD and MMD against its sampling-time inflation (means over the
     seeds evaluated so far), colour = lambda, marker = plain/squared x per-sample/per-token, filled = absolute,
-    hollow = relative, larger = margin > 0; NG-off as a black star with its reward and inflation as dashed lines. For a reader who picks
-    a form for another trade-off than the selection rule's."""
+    hollow = relative, larger = margin > 0; NG-off as a black star with its reward and inflation as dashed lines.
+    For a reader who picks a form for another trade-off than the selection rule's."""
     from training.analysis.io import pyplot
     from training.tracking import save_figure
 
@@ -211,8 +212,7 @@ def plot_sweep(summaries: list[tables.FormSummary], path: Path) -> Path | None:
             lam, margin, relative, squared, per_token = f.form
             c = colours[lam]
             ax.scatter([x], [y], marker=markers[(bool(squared), bool(per_token))], s=36 if margin == 0 else 90,
-                       zorder=2,
-                       facecolors="none" if relative else c, edgecolors=c)
+                       zorder=2, facecolors="none" if relative else c, edgecolors=c)
         ax.set_xlabel("sampling-time inflation % (mean over seeds)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -244,14 +244,14 @@ def plot_sweep_ratios(runs: list[tables.Run], path: Path, window: int = 10) -> P
         return None
 
     def smoothed(r):
-        xs = [m["step"] for m in r.metrics]
-        ys = [m.get("norm_ratio", math.nan) for m in r.metrics]
-        return xs, [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                    for i in range(len(ys))]
+        return ([m["step"] for m in r.metrics],
+                trailing_mean([m.get("norm_ratio", math.nan) for m in r.metrics], window))
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(lambdas), figsize=(5 * len(lambdas), 4), sharey=True, squeeze=False)
     styles = {(False, False): "-", (True, False): "--", (False, True): ":", (True, True): "-."}  # (squared, token)
+    colours = {(False, True): "tab:blue", (True, True): "tab:orange", (False, False): "tab:green",
+               (True, False): "tab:red"}  # (relative, margin == 0)
     for ax, lam in zip(axes[0], lambdas):
         for r in done:
             if r.form is None:
@@ -259,8 +259,7 @@ def plot_sweep_ratios(runs: list[tables.Run], path: Path, window: int = 10) -> P
             elif r.form[0] == lam:
                 _lam, margin, relative, squared, per_token = r.form
                 ax.plot(*smoothed(r), lw=0.8, ls=styles[(bool(squared), bool(per_token))],
-                        color=("tab:orange" if relative else "tab:blue") if margin == 0 else
-                        ("tab:red" if relative else "tab:green"), label=f"{r.arm} s{r.seed}")
+                        color=colours[(bool(relative), margin == 0)], label=f"{r.arm} s{r.seed}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_title(f"lambda {lam:g}", fontsize=10)
         ax.set_xlabel("RL step")
@@ -364,7 +363,7 @@ def _reference_section(refs: dict[str, dict]) -> str:
 
 def sweep_section(runs: list[tables.Run], plot_dir: Path | None = None) -> tuple[str, tables.Selection | None]:
     """T7's section of the report (and the selection, once every sweep run is evaluated); with plot_dir, also
-    its trade-off plot regime_sweep.png there."""
+    its two plots there (regime_sweep.png, regime_sweep_ratio.png)."""
     sweep = [r for r in runs if r.stage == "sweep"]
     summaries = tables.sweep_summaries(sweep, SWEEP_SEEDS)
     evaluated = sum(r.final is not None for r in sweep)
