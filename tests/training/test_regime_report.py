@@ -95,6 +95,29 @@ def test_t4_paired_differences_and_verdict_on_a_grid():
     assert "| worse |" in table.markdown
 
 
+def test_arm_effects_are_t4_and_t5s_intervals_and_the_plot_draws_them(tmp_path):
+    """The effects plot's numbers: arm - off at the end equals T4's interval, arm - off at matched reward uses the
+    matched checkpoint (not the final one); a seed without its matched evaluation drops out of the matched row
+    only. The plot is written when an arm has a paired seed, and not at all when none has."""
+    from training.analysis.study.regime_plots import plot_effects
+
+    off = [dict(fd=100), dict(fd=110), dict(fd=105)]
+    runs = grid_runs({"off": off, "adaptive": [dict(fd=90), dict(fd=99), dict(fd=93)]})
+    for r, fd in zip([r for r in runs if r.arm == "adaptive"], (80, 85, None)):
+        r.matched = {"step": 15, "reached": True, "eval": None if fd is None else fake_eval(fd=fd)}
+    grid = tables.Grid(runs, (0, 1, 2))
+    effects = {(when, arm): ivs for _, arm, when, ivs in tables.arm_effects(grid)}
+    assert set(effects) == {("end", "adaptive"), ("matched", "adaptive")}
+    end, matched = effects[("end", "adaptive")]["fd"], effects[("matched", "adaptive")]["fd"]
+    assert (end.n, end.mean) == (3, pytest.approx(-11.0))  # 90-100, 99-110, 93-105
+    assert tables.fmt_interval(end, 2) in tables.t4_main(grid).markdown
+    assert (matched.n, matched.mean) == (2, pytest.approx(12.0))  # the final 90, 99 against matched 80, 85
+    path = plot_effects(runs, (0, 1, 2), tmp_path / "effects.png")
+    assert path is not None and path.stat().st_size > 10_000
+    lonely = grid_runs({"adaptive": [dict(fd=90)]})  # no off run: nothing is paired
+    assert plot_effects(lonely, (0, 1, 2), tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
 # ----------------------------------------------------------------------------------------------- section 4
 def test_pooled_se_formula():
     means, stds = [0.5, 0.6], [0.1, 0.2]
@@ -247,6 +270,7 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
     assert "matched off checkpoint step 15 not evaluated" in text  # s1's matched checkpoint
     assert "Wall time of the runs" in text and "Commit:" in text
     assert (tmp_path / "regime_adaptive.png").is_file()
+    assert (tmp_path / "regime_effects.png").is_file() and "![effects](regime_effects.png)" in text
     assert (tmp_path / "regime_sweep.png").is_file() and "![sweep](regime_sweep.png)" in text
     assert (tmp_path / "regime_sweep_ratio.png").is_file() and "![sweep ratio](regime_sweep_ratio.png)" in text
     assert (tmp_path / "regime_grid_sd3_nft_caption_match_s0.png").is_file()
@@ -258,7 +282,7 @@ def test_cli_on_a_synthetic_partial_study(tmp_path):
 def test_sweep_plot_draws_the_forms_evaluated_so_far(tmp_path):
     """T7's trade-off plot from summaries with missing seeds and missing forms (a sweep still running): one point
     per form with an evaluated seed, NG-off as the reference; nothing to draw without any."""
-    from training.analysis.study.regime_report import plot_sweep
+    from training.analysis.study.regime_plots import plot_sweep
 
     def summary(label, form, reward, infl, fd=None):
         keys = {k: [None, None] for k in tables.SWEEP_KEYS}

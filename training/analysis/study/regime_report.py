@@ -11,9 +11,10 @@ as missing, never an error, so the report can be written at any point of a study
 table with missing runs is labelled partial and gives intervals only where n >= 2 (protocol section 5).
 
 The statistics, the selection rule and the tables are training.analysis.study.tables' (pure functions); this
-module does the loading, the header (commit, date, machine, wall times), the T8 plot and the sample grids
-(training.grids.render_grid). Output, next to each other in --out: regime.md, regime_sweep.png (T7's trade-off
-plot), regime_sweep_ratio.png (the sweep's training ratio per step), regime_adaptive.png and
+module does the loading, the header (commit, date, machine, wall times) and the sample grids
+(training.grids.render_grid); the plots are training.analysis.study.regime_plots'. Output, next to each other
+in --out: regime.md, regime_effects.png (T4 and T5 as a forest plot), regime_sweep.png (T7's trade-off plot),
+regime_sweep_ratio.png (the sweep's training ratio per step), regime_adaptive.png and
 regime_grid_<model>_<method>_<reward>_s<seed>.png.
 
 Stage sd3-fixed needs the fixed form. Without --fixed-form it takes the sweep's selection when the whole sweep
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 from training.analysis.study import tables
-from training.analysis.study.matching import trailing_mean
+from training.analysis.study.regime_plots import plot_adaptive, plot_effects, plot_sweep, plot_sweep_ratios
 from training.analysis.study.regime import MAIN_SEEDS, STAGES, SWEEP_SEEDS, form_label, parse_form, plan
 
 GRID_SEED = 0  # the protocol's sample grids: seed 0 of each main-grid cell (section 3)
@@ -150,127 +151,7 @@ def wall_times(runs: list[tables.Run], refs: dict[str, dict]) -> tuple[float, fl
     return run_s, eval_s, sum(1 for r in runs if r.status), len(seen)
 
 
-# ----------------------------------------------------------------------------------------------- plots and grids
-def plot_adaptive(runs: list[tables.Run], path: Path) -> Path | None:
-    """T8: lambda and the logged training ratio vs step, one line per adaptive run (1 + margin dashed)."""
-    from training.analysis.io import pyplot
-    from training.tracking import save_figure
-
-    ad = [r for r in runs if r.arm == "adaptive" and r.metrics]
-    if not ad:
-        return None
-    plt = pyplot()
-    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 4))
-    for r in ad:
-        steps = [m["step"] for m in r.metrics]
-        name = f"{r.method} {r.reward} s{r.seed}"
-        ax_l.plot(steps, [m.get("ng_lambda", math.nan) for m in r.metrics], lw=0.8, label=name)
-        ax_r.plot(steps, [m.get("norm_ratio", math.nan) for m in r.metrics], lw=0.8, label=name)
-    for margin in sorted({r.margin for r in ad}):
-        ax_r.axhline(1 + margin, color="black", ls="--", lw=0.8)
-        for d in (-tables.RATIO_TOLERANCE, tables.RATIO_TOLERANCE):
-            ax_r.axhline(1 + margin + d, color="gray", ls=":", lw=0.8)
-    ax_l.set_ylabel("lambda (dual variable)")
-    ax_r.set_ylabel("logged training ratio ||v|| / ||v_ref||")
-    for ax in (ax_l, ax_r):
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    ax_r.legend(fontsize=6, ncol=2)
-    return save_figure(fig, path)
-
-
-def plot_sweep(summaries: list[tables.FormSummary], path: Path) -> Path | None:
-    """T7 as a picture: each form's final reward, FD and MMD against its sampling-time inflation (means over the
-    seeds evaluated so far), colour = lambda, marker = plain/squared x per-sample/per-token, filled = absolute,
-    hollow = relative, larger = margin > 0; NG-off as a black star with its reward and inflation as dashed lines.
-    For a reader who picks a form for another trade-off than the selection rule's."""
-    from training.analysis.io import pyplot
-    from training.tracking import save_figure
-
-    pts = [f for f in summaries if f.mean("reward_mean") is not None and f.mean("norm_inflation_pct") is not None]
-    if not pts:
-        return None
-    plt = pyplot()
-    panels = (("reward_mean", "final reward (higher is better)"), ("fd", "FD (lower is better)"),
-              ("pixel_mmd", "pixel MMD (lower is better)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
-    lambdas = sorted({f.form[0] for f in pts if f.form is not None})
-    colours = dict(zip(lambdas, plt.get_cmap("viridis")(
-        [i / max(1, len(lambdas) - 1) for i in range(len(lambdas))])))
-    markers = {(False, False): "o", (True, False): "s", (False, True): "^", (True, True): "D"}  # (squared, token)
-    for ax, (key, label) in zip(axes, panels):
-        for f in pts:
-            y = f.mean(key)
-            if y is None:
-                continue
-            x = f.mean("norm_inflation_pct")
-            if f.form is None:
-                ax.scatter([x], [y], marker="*", s=160, color="black", zorder=3)
-                ax.axvline(x, color="black", ls="--", lw=0.7)
-                ax.axhline(y, color="black", ls="--", lw=0.7)
-                continue
-            lam, margin, relative, squared, per_token = f.form
-            c = colours[lam]
-            ax.scatter([x], [y], marker=markers[(bool(squared), bool(per_token))], s=36 if margin == 0 else 90,
-                       zorder=2, facecolors="none" if relative else c, edgecolors=c)
-        ax.set_xlabel("sampling-time inflation % (mean over seeds)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], ls="", marker="*", color="black", ms=10, label="NormGuard off")]
-    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[lam], label=f"lambda {lam:g}") for lam in lambdas]
-    handles += [plt.Line2D([], [], ls="", marker=m, color="gray",
-                           label=f"{'squared' if sq else 'plain'}, {'per-token' if tok else 'per-sample'}")
-                for (sq, tok), m in markers.items()]
-    handles += [plt.Line2D([], [], ls="", marker="o", color="gray", mfc="none", label="relative (hollow)"),
-                plt.Line2D([], [], ls="", marker="o", color="gray", ms=10, label="margin > 0 (larger)")]
-    axes[-1].legend(handles=handles, fontsize=7, loc="best")
-    n_seeds = max(sum(v is not None for v in f.per_seed["reward_mean"]) for f in pts)
-    n_forms = sum(f.form is not None for f in pts)
-    fig.suptitle(f"NormGuard forms (sd3 toy, NFT, colorfulness): {n_forms} forms with an evaluated seed "
-                 f"(up to {n_seeds} seed(s) each)", fontsize=10)
-    return save_figure(fig, path)
-
-
-def plot_sweep_ratios(runs: list[tables.Run], path: Path, window: int = 10) -> Path | None:
-    """The sweep's logged training ratio ||v|| / ||v_ref|| against the RL step, one line per finished run
-    (a trailing mean over `window` steps), one panel per lambda, NG-off in black in each: how fast each form acts
-    and where it settles (the fixed hinge's overshoot below 1 that issue 14 reports)."""
-    from training.analysis.io import pyplot
-    from training.tracking import save_figure
-
-    done = [r for r in runs if r.stage == "sweep" and r.done and r.metrics]
-    lambdas = sorted({r.form[0] for r in done if r.form is not None})
-    if not done or not lambdas:
-        return None
-
-    def smoothed(r):
-        return ([m["step"] for m in r.metrics],
-                trailing_mean([m.get("norm_ratio", math.nan) for m in r.metrics], window))
-
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(lambdas), figsize=(5 * len(lambdas), 4), sharey=True, squeeze=False)
-    styles = {(False, False): "-", (True, False): "--", (False, True): ":", (True, True): "-."}  # (squared, token)
-    colours = {(False, True): "tab:blue", (True, True): "tab:orange", (False, False): "tab:green",
-               (True, False): "tab:red"}  # (relative, margin == 0)
-    for ax, lam in zip(axes[0], lambdas):
-        for r in done:
-            if r.form is None:
-                ax.plot(*smoothed(r), color="black", lw=1.2, label=f"off s{r.seed}")
-            elif r.form[0] == lam:
-                _lam, margin, relative, squared, per_token = r.form
-                ax.plot(*smoothed(r), lw=0.8, ls=styles[(bool(squared), bool(per_token))],
-                        color=colours[(bool(relative), margin == 0)], label=f"{r.arm} s{r.seed}")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"lambda {lam:g}", fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=5, ncol=2)
-    axes[0][0].set_ylabel(f"logged training ratio ||v|| / ||v_ref|| (trailing mean of {window})")
-    fig.suptitle("Sweep: training ratio per form (colour: absolute/relative x margin 0/0.02; line: plain/squared x "
-                 "per-sample/per-token)", fontsize=9)
-    return save_figure(fig, path)
-
-
+# ----------------------------------------------------------------------------------------------- sample grids
 def _cells(ev: dict, reward, is_reference: bool):
     """An evaluation's stored samples -> (prompts, [training.grids.Cell]). The reward is the run's, re-scored on
     the stored uint8 images; the per-image ratio is the stored one where the JSON has it (the reference: 1)."""
@@ -436,6 +317,10 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
         parts += ["## The main grid", ""]
         main_tables = tables.main_tables(main, MAIN_SEEDS)
         parts += [t.render() for t in main_tables]
+        effects = plot_effects(main, MAIN_SEEDS, out_dir / "regime_effects.png")
+        if effects is not None:
+            parts += ["T4 and T5 at a glance (the same intervals as their tables; filled: vs off at the end, hollow: "
+                      "vs off at matched reward):", "", f"![effects]({effects.name})", ""]
         plot = plot_adaptive(main, out_dir / "regime_adaptive.png")
         if plot is not None:
             parts += ["T8's lambda trajectory and logged ratio per adaptive run:", "", f"![adaptive]({plot.name})", ""]

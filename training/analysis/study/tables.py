@@ -449,6 +449,11 @@ def _paired(a: dict[int, dict], b: dict[int, dict], key: str, cond_a: dict | Non
     return interval(diffs)
 
 
+def arm_intervals(on: dict[int, dict], off: dict[int, dict]) -> dict[str, Interval | None]:
+    """{measure key: interval of on[s] - off[s] over the seeds both have} for every measure of T4 / T5."""
+    return {k: _paired(on, off, k) for k, _, _ in MEASURES}
+
+
 def t1_inflation(grid: Grid) -> Table:
     rows, count, notes = [], 0, []
     for cell in grid.cells:
@@ -522,8 +527,7 @@ def _arm_rows(grid: Grid, off_evals, arm_evals_fn):
     for cell in grid.cells:
         off = off_evals(cell)
         for arm in grid.arms:
-            on = arm_evals_fn(cell, arm)
-            ivs = {k: _paired(on, off, k) for k, _, _ in MEASURES}
+            ivs = arm_intervals(arm_evals_fn(cell, arm), off)
             count += sum(bool(iv and iv.has_interval) for iv in ivs.values())
             n = max((iv.n for iv in ivs.values() if iv), default=0)
             v = verdict({k: ivs[k] for k, _, _ in QUALITY})
@@ -564,8 +568,7 @@ def t5_early_stopping(grid: Grid) -> Table:
     rows, count, notes, missing = [], 0, [], []
     for cell in grid.cells:
         for arm in grid.arms:
-            on, off = grid.evals(cell, arm), matched_evals(grid, cell, arm)
-            ivs = {k: _paired(on, off, k) for k, _, _ in MEASURES}
+            ivs = arm_intervals(grid.evals(cell, arm), matched_evals(grid, cell, arm))
             count += sum(bool(iv and iv.has_interval) for iv in ivs.values())
             n = max((iv.n for iv in ivs.values() if iv), default=0)
             v = verdict({k: ivs[k] for k, _, _ in QUALITY})
@@ -656,6 +659,14 @@ def t8_adaptive(grid: Grid) -> Table:
                  f"{RATIO_TOLERANCE}. Also its sampling inflation against the fixed arm's (paired by seed); its "
                  "lambda trajectory is plotted.", md, count, bool(notes) or bool(grid.absent),
                  missing=sorted(set(notes)) + grid.absent)
+
+
+def arm_effects(grid: Grid) -> list[tuple[tuple, str, str, dict[str, Interval | None]]]:
+    """[(cell, arm, "end" | "matched", arm_intervals)]: arm - off at the final checkpoint (T4) and arm - off at
+    matched reward (T5), per cell and arm: the numbers behind the report's effects plot."""
+    return [(cell, arm, when, arm_intervals(grid.evals(cell, arm), off))
+            for cell in grid.cells for arm in grid.arms
+            for when, off in (("end", grid.evals(cell, "off")), ("matched", matched_evals(grid, cell, arm)))]
 
 
 def main_tables(runs: list[Run], seeds: tuple[int, ...]) -> list[Table]:
