@@ -54,7 +54,7 @@ def plot_effects(runs: list[tables.Run], seeds: tuple[int, ...], path: Path) -> 
         ax.set_title(f"d {label}" + ("" if not sign else " (better: shaded)"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(rows)))
-    axes[0].set_yticklabels([f"{' / '.join(cell)} {arm}" for cell, arm in reversed(rows)], fontsize=7)
+    axes[0].set_yticklabels([f"{tables.cell_name(cell)} {arm}" for cell, arm in reversed(rows)], fontsize=7)
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=a) for a, c in ARM_COLOURS.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", color="gray", label="vs off at the end (T4)"),
                 plt.Line2D([], [], ls="", marker="o", color="gray", mfc="white", label="vs off at matched reward (T5)")]

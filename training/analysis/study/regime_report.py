@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from training.analysis.study import tables
-from training.analysis.study.regime_plots import plot_adaptive, plot_effects, plot_sweep, plot_sweep_ratios
 from training.analysis.study.regime import MAIN_SEEDS, STAGES, SWEEP_SEEDS, form_label, parse_form, plan
+from training.analysis.study.regime_plots import plot_adaptive, plot_effects, plot_sweep, plot_sweep_ratios
 
 GRID_SEED = 0  # the protocol's sample grids: seed 0 of each main-grid cell (section 3)
 

@@ -425,7 +425,7 @@ class Grid:
         return out
 
 
-def _cell_name(cell) -> str:
+def cell_name(cell) -> str:
     return " / ".join(cell)
 
 
@@ -463,7 +463,7 @@ def t1_inflation(grid: Grid) -> Table:
         count += bool(iv and iv.has_interval)
         holds = "n/a (n < 2)" if not (iv and iv.has_interval) else ("yes" if iv.lo > 0 else "no")
         in_range = "missing" if iv is None else ("yes" if PAPER_RANGE[0] <= iv.mean <= PAPER_RANGE[1] else "no")
-        rows.append([_cell_name(cell), str(iv.n if iv else 0), fmt_seeds(vals, 2), fmt_interval(iv, 2), holds,
+        rows.append([cell_name(cell), str(iv.n if iv else 0), fmt_seeds(vals, 2), fmt_interval(iv, 2), holds,
                      in_range])
         notes += grid.missing(cell, ["off"])
     md = _md_table(["cell", "n", "inflation % per seed (" + ", ".join(f"s{s}" for s in grid.seeds) + ")",
@@ -488,7 +488,7 @@ def t2_renorm(grid: Grid) -> Table:
             imp = r_side == "good" or v == "better"
             improves, holds = ("yes" if imp else "no"), ("no" if imp else "yes")
         n = max((iv.n for iv in ivs.values() if iv), default=0)
-        rows.append([_cell_name(cell), str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in (REWARD, *QUALITY)],
+        rows.append([cell_name(cell), str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in (REWARD, *QUALITY)],
                      improves, holds])
         notes += grid.missing(cell, ["off"])
     md = _md_table(["cell", "n", "d reward", "d FD", "d attribute acc", "d MMD", "renormalisation improves",
@@ -512,7 +512,7 @@ def t3_adjoint(grid: Grid) -> Table:
             c_text, holds = ("yes" if coherent else "no"), ("no" if coherent else "yes")
         else:
             c_text = holds = "n/a (n < 2)"
-        rows.append([_cell_name(cell), str(iv_m.n if iv_m else 0), fmt_seeds(mos, 3), fmt_interval(iv_m, 3),
+        rows.append([cell_name(cell), str(iv_m.n if iv_m else 0), fmt_seeds(mos, 3), fmt_interval(iv_m, 3),
                      fmt_interval(iv_p, 3), c_text, holds])
         notes += grid.missing(cell, ["off"])
     md = _md_table(["cell", "n", "mean/std per seed", "mean/std [95 % CI]", "fraction positive [95 % CI]",
@@ -532,7 +532,7 @@ def _arm_rows(grid: Grid, off_evals, arm_evals_fn):
             n = max((iv.n for iv in ivs.values() if iv), default=0)
             v = verdict({k: ivs[k] for k, _, _ in QUALITY})
             cost = costs_reward(ivs["reward_mean"])
-            cells = [_cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
+            cells = [cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
                      _verdict_text(v, n, len(grid.seeds)),
                      "n/a (n < 2)" if cost is None else ("yes" if cost else "no")]
             rows.append(cells)
@@ -588,7 +588,7 @@ def t5_early_stopping(grid: Grid) -> Table:
                 if m.get("eval") is None:
                     missing.append(f"{r.label}: matched off checkpoint step {m['step']} not evaluated")
             holds = "n/a" if v is None else ("yes" if v == "better" else "no")
-            rows.append([_cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
+            rows.append([cell_name(cell), arm, str(n), *[fmt_interval(ivs[k], DIGITS[k]) for k, _, _ in MEASURES],
                          _verdict_text(v, n, len(grid.seeds)),
                          "n/a (n < 2)" if cost is None else ("yes" if cost else "no"), "; ".join(steps), holds])
             missing += grid.missing(cell, [arm, "off"])
@@ -620,7 +620,7 @@ def t6_few_step(grid: Grid) -> Table:
                 side = iv.side(sign) if iv else None
                 grows = "n/a (n < 2)" if not (iv and iv.has_interval) else ("yes" if side == "good" else "no")
                 cells += [fmt_interval(iv, DIGITS[key]), grows]
-            rows.append([_cell_name(cell), arm, str(n), *cells])
+            rows.append([cell_name(cell), arm, str(n), *cells])
             notes += grid.missing(cell, [arm, "off"])
     md = _md_table(["cell", "arm", "n", "DiD reward (2 - 8 steps)", "reward gain grows (> 0)", "DiD FD (2 - 8 steps)",
                     "FD gain grows (< 0)"], rows)
@@ -647,7 +647,7 @@ def t8_adaptive(grid: Grid) -> Table:
         infl_f = interval([value(e, "norm_inflation_pct") for e in fx.values()])
         d = _paired(ad, fx, "norm_inflation_pct")
         count += bool(d and d.has_interval)
-        rows.append([_cell_name(cell), str(iv.n if iv else 0), fmt_seeds(ratios, 4), fmt_interval(iv, 4),
+        rows.append([cell_name(cell), str(iv.n if iv else 0), fmt_seeds(ratios, 4), fmt_interval(iv, 4),
                      f"{target:g} +- {RATIO_TOLERANCE:g}", holds, fmt(infl_a.mean if infl_a else None, 2),
                      fmt(infl_f.mean if infl_f else None, 2), fmt_interval(d, 2)])
         notes += grid.missing(cell, ["adaptive", "fixed"])
