@@ -193,6 +193,21 @@ def test_selection_needs_the_whole_sweep():
         select(runs)
 
 
+def test_wall_time_counts_every_kept_step_of_a_resumed_run():
+    """A resumed run's status.json counts only its last process (here 10 s of a 3-step run whose metrics say 6 s);
+    the report sums the per-step seconds instead, and falls back to status.json where the metrics lack them."""
+    from training.analysis.study.regime_report import wall_times
+
+    resumed = Run(label="a", stage="s", model="sd3", method="nft", reward="r", arm="off", seed=0,
+                  status={"seconds": 1.0, "resumed": True},
+                  metrics=[{"step": 1, "seconds": 2.0}, {"step": 2, "seconds": 2.5}, {"step": 3, "seconds": 1.5}])
+    no_column = Run(label="b", stage="s", model="sd3", method="nft", reward="r", arm="off", seed=1,
+                    status={"seconds": 7.0}, metrics=[{"step": 1}])
+    not_started = Run(label="c", stage="s", model="sd3", method="nft", reward="r", arm="off", seed=2)
+    run_s, eval_s, n_runs, n_evals = wall_times([resumed, no_column, not_started], {})
+    assert (run_s, eval_s, n_runs, n_evals) == (13.0, 0.0, 2, 0)
+
+
 # ----------------------------------------------------------------------------------------------- the command
 def write_run(cfg, evals: dict[int, dict], eval_steps: list[tuple[int, float]], ratio: float, steps: int,
               status=True, lam=0.0):

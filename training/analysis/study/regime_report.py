@@ -134,9 +134,17 @@ def git_commit() -> str:
 
 
 def wall_times(runs: list[tables.Run], refs: dict[str, dict]) -> tuple[float, float, int, int]:
-    """(sum of the runs' status.json seconds, sum of the evaluations' seconds, runs counted, evaluations counted);
-    an evaluation shared by several runs (a matched checkpoint) is counted once."""
-    run_s = sum(float(r.status.get("seconds", 0.0)) for r in runs if r.status)
+    """(the runs' RL seconds, the evaluations' seconds, runs counted, evaluations counted). A run's RL seconds are
+    the sum of its metrics.csv per-step seconds: a resumed run's status.json counts only its last process, while
+    its metrics hold every kept step, whichever process ran it (set-up, and steps redone after a kill, are not
+    counted); status.json's seconds where the metrics have no such column. An evaluation shared by several runs
+    (a matched checkpoint) is counted once."""
+    def rl_seconds(r: tables.Run) -> float:
+        steps = [float(m["seconds"]) for m in r.metrics or () if isinstance(m.get("seconds"), (int, float))
+                 and not math.isnan(m["seconds"])]
+        return sum(steps) if steps else float(r.status.get("seconds", 0.0))
+
+    run_s = sum(rl_seconds(r) for r in runs if r.status)
     seen, eval_s = set(), 0.0
     for r in runs:
         if r.final is not None:
@@ -299,8 +307,8 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
         f"# The regime study (issue 14): report at B = {steps} steps", "",
         f"- Commit: {git_commit()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"- Machine (where this report was written): {platform.platform()}, {os.cpu_count()} CPU cores.",
-        f"- Wall time of the runs: {run_s / 3600:.2f} h ({run_s:.0f} s, the sum of status.json seconds over {n_runs} "
-        f"runs, one worker each).",
+        f"- Wall time of the runs: {run_s / 3600:.2f} h ({run_s:.0f} s, RL steps only: the sum of metrics.csv per-step "
+        f"seconds over {n_runs} runs, one worker each, resumed runs whole; set-up and evaluation not included).",
         f"- Wall time of the evaluations: {eval_s / 3600:.2f} h ({eval_s:.0f} s over {n_evals} evaluation files).",
         f"- Command: `python -m training.analysis.study.regime_report {' '.join(argv)}`",
         "- Protocol: docs/study.md, 'Protocol of the regime study' (sections 3-6). Differences are arm - off per "
