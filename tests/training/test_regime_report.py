@@ -194,7 +194,7 @@ def test_selection_needs_the_whole_sweep():
 
 
 def test_wall_time_counts_every_kept_step_of_a_resumed_run():
-    """A resumed run's status.json counts only its last process (here 10 s of a 3-step run whose metrics say 6 s);
+    """A resumed run's status.json counts only its last process (here 1 s of a 3-step run whose metrics say 6 s);
     the report sums the per-step seconds instead, and falls back to status.json where the metrics lack them."""
     from training.analysis.study.regime_report import wall_times
 
