@@ -5,6 +5,7 @@ and the budget rule picks the smallest step at which every run reaches the thres
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -115,9 +116,10 @@ def test_matching_uses_the_evaluated_steps(tmp_path):
     assert m["step"] in (20, 25, 30) and not m["reached"]
 
 
-def test_evaluation_stage_writes_each_checkpoint_once(tmp_path, toy_cache, monkeypatch):
+def test_evaluation_stage_writes_each_checkpoint_once_and_replays_a_lost_one(tmp_path, toy_cache, monkeypatch):
     """Final checkpoints of an off and an adaptive run, the off run's matched checkpoint, the reference and the
-    data floor each get one complete JSON; a second pass finds nothing left to do (the stage resumes)."""
+    data floor each get one complete JSON; a second pass finds nothing left to do (the stage resumes). A matched
+    checkpoint that is gone is replayed exactly."""
     from training.analysis.study import evaluation
 
     monkeypatch.setattr(evaluation, "EVAL", dict(evaluation.EVAL, samples_per_prompt=1, few_steps=(2,),
@@ -148,11 +150,30 @@ def test_evaluation_stage_writes_each_checkpoint_once(tmp_path, toy_cache, monke
             assert len(stored["samples"]["images"]) == len(stored["samples"]["prompts"]) > 0
     assert evaluation.evaluation_jobs(finished, tmp_path / "study") == []
 
+    # A study restored on a fresh machine has the off run's results but not its checkpoints (archive.py): the
+    # matched evaluation is listed as missing, and --replay trains the off run again up to the matched step. On
+    # this machine the replay is the run itself, so its logged curve and its evaluation are the original's exactly.
+    off_dir, matched_json = finished[0][1].run_dir, evaluation.eval_path(finished[0][1].run_dir, matched)
+    original = json.loads(matched_json.read_text())
+    shutil.rmtree(off_dir / "checkpoints")
+    matched_json.unlink()
+    missing = []
+    assert evaluation.evaluation_jobs(finished, tmp_path / "study", missing=missing) == []
+    assert missing == [str(matched_json)]
+    (job,) = evaluation.evaluation_jobs(finished, tmp_path / "study", replay=True)
+    assert job[0] is evaluation.replay_and_evaluate and job[2] == str(matched_json)
+    job[0](*job[1])
+    replayed = json.loads(matched_json.read_text())
+    assert replayed["replay"] == {"steps_compared": matched, "max_abs_eval_reward_diff": 0.0,
+                                  "max_abs_norm_ratio_diff": 0.0, "replayed_to": matched}
+    assert replayed["rows"] == original["rows"]
+    assert evaluation.evaluation_jobs(finished, tmp_path / "study", replay=True) == []
+
 
 def test_a_run_has_one_writer(tmp_path):
     """A second process training the same run directory (e.g. a rerun while a killed driver's workers still train)
     fails at once instead of appending to the same run."""
-    from training.analysis.study.regime import exclusive
+    from training.analysis.study.jobs import exclusive
 
     with exclusive(tmp_path / "run"):
         with pytest.raises(RuntimeError, match="being trained by another process"):

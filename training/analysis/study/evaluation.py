@@ -12,7 +12,11 @@ sample grids. The settings are the protocol's and are fixed here, once: 256 imag
 
 Matching (the early-stopping control): the runs log the trainer's evaluation every 5 steps and NormGuard-off
 runs keep a checkpoint at each of those steps, so the off run is taken at an evaluated step
-(training.analysis.study.matching.match_checkpoint with the evaluated steps).
+(training.analysis.study.matching.match_checkpoint with the evaluated steps). Where that checkpoint is gone (a
+study restored on a fresh machine from its archive, training.analysis.study.archive, which leaves the off runs'
+every-5-step checkpoints out), `replay=True` trains the off run again from its config into `<off run>/replay`
+up to the step it needs (`replay_and_evaluate`), and each such JSON says how closely the replay reproduced the
+run's logged curve; without it the matched evaluation is left out and listed.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ def matched_step(off_run: Path, on_run: Path) -> dict:
     return match_checkpoint(off_rewards, on_rewards, MATCH_WINDOW, steps=off_steps)
 
 
-def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: str) -> dict:
+def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: str, extra: dict | None = None) -> dict:
     """Worker job: evaluates one checkpoint (None: the reference) with the study's eval job (every instrument;
-    training.analysis.study.jobs.eval_job) at the protocol's settings, and writes its JSON atomically."""
+    training.analysis.study.jobs.eval_job) at the protocol's settings, and writes its JSON (with `extra`'s keys)
+    atomically."""
     from training.analysis.quality import FeatureNetSpec
     from training.analysis.study.jobs import eval_job
     from training.config import config_from_dict
@@ -76,9 +81,59 @@ def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: s
     cfg = config_from_dict(cfg_dict)
     spec = asdict(FeatureNetSpec(image_size=cfg.model.toy.image_size, train_steps=FEATURE_STEPS))
     result = eval_job(cfg_dict, checkpoint, label, eval_settings(cfg), spec, NUM_REFERENCE)
-    data = {"label": label, "checkpoint": checkpoint, **result}
+    data = {"label": label, "checkpoint": checkpoint, **result, **(extra or {})}
     _write_json(Path(path), data)
     return data
+
+
+def replay_dir(off_run_dir: Path) -> Path:
+    return Path(off_run_dir) / "replay"
+
+
+def replay_agreement(run_metrics: list[dict], replay_metrics: list[dict]) -> dict:
+    """How closely a replay reproduced its run: the largest |difference| of the logged evaluation reward and of the
+    training norm ratio over the steps both logged (exactly 0 on the machine that ran it; float rounding elsewhere)."""
+    by_step = {int(r["step"]): r for r in run_metrics}
+    out = {"steps_compared": 0, "max_abs_eval_reward_diff": 0.0, "max_abs_norm_ratio_diff": 0.0}
+    for row in replay_metrics:
+        ref = by_step.get(int(row["step"]))
+        if ref is None or int(row["step"]) < 1:
+            continue
+        out["steps_compared"] += 1
+        for key in ("eval_reward", "norm_ratio"):
+            a, b = ref.get(key, math.nan), row.get(key, math.nan)
+            if not (math.isnan(a) and math.isnan(b)):
+                diff = abs(a - b) if not (math.isnan(a) or math.isnan(b)) else math.inf
+                name = f"max_abs_{key}_diff"
+                out[name] = max(out[name], diff)
+    return out
+
+
+def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], labels: list[str]) -> dict:
+    """Worker job: an off run's matched checkpoints when they are gone. The run is trained again from its config into
+    `<run>/replay` up to the last of `steps` (resuming a replay that stopped; its checkpoints every 5 steps are all
+    kept), then each step's checkpoint is evaluated to its path as evaluate_to_file does, with a "replay" entry
+    (replay_agreement against the run's own metrics.csv) so that a replay that did not reproduce its run shows."""
+    from training.analysis.study.jobs import exclusive
+    from training.checkpoint import latest_checkpoint, step_of
+    from training.config import apply_override, config_from_dict
+    from training.loop import train
+    from training.tracking import read_csv
+
+    cfg = config_from_dict(off_cfg_dict)
+    run_dir, target = cfg.run_dir, max(steps)
+    for o in (f"log.output_dir={run_dir}", "log.run_name=replay", f"train.steps={target}"):
+        apply_override(cfg, o)
+    with exclusive(cfg.run_dir):
+        last = latest_checkpoint(cfg.run_dir)
+        if last is None or step_of(last) < target:
+            train(cfg, resume=last is not None)
+    agreement = replay_agreement(read_csv(run_dir / "metrics.csv"), read_csv(cfg.run_dir / "metrics.csv"))
+    for step, path, label in zip(steps, paths, labels):
+        if not Path(path).is_file():
+            evaluate_to_file(off_cfg_dict, str(cfg.run_dir / "checkpoints" / f"step-{step}"), path, label,
+                             {"replay": {**agreement, "replayed_to": target}})
+    return {"label": f"{labels[0].split('@')[0]} replayed to step {target}", "agreement": agreement}
 
 
 def data_floor(cfg_dict: dict, path: str) -> dict:
@@ -107,11 +162,14 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def evaluation_jobs(finished: list[tuple[object, object]], out_dir: Path) -> list[tuple]:
+def evaluation_jobs(finished: list[tuple[object, object]], out_dir: Path, replay: bool = False,
+                    missing: list[str] | None = None) -> list[tuple]:
     """-> [(function, args, path)] still to do for the finished runs [(spec, cfg)]: the data floor, the reference
     per (model, reward), every final checkpoint, and the matched checkpoint of each off run against each on run
-    of the same cell and seed (main grid only; the sweep needs final checkpoints alone)."""
-    jobs, seen = [], set()
+    of the same cell and seed (main grid only; the sweep needs final checkpoints alone). A matched checkpoint that
+    is gone is replayed (one job per off run, to its last needed step) if `replay`, else its JSON's path is
+    appended to `missing`."""
+    jobs, seen, replays = [], set(), {}
     by_label = {spec.label: (spec, cfg) for spec, cfg in finished}
 
     def add(fn, args, path):
@@ -134,7 +192,15 @@ def evaluation_jobs(finished: list[tuple[object, object]], out_dir: Path) -> lis
                 continue
             off_spec, off_cfg = by_label[off_label]
             step = matched_step(off_cfg.run_dir, cfg.run_dir)["step"]
-            path = eval_path(off_cfg.run_dir, step)
-            add(evaluate_to_file, (off_cfg.to_dict(), str(off_cfg.run_dir / "checkpoints" / f"step-{step}"),
-                                   str(path), f"{off_label}@{step}"), str(path))
+            path, checkpoint = eval_path(off_cfg.run_dir, step), off_cfg.run_dir / "checkpoints" / f"step-{step}"
+            if path.is_file() or checkpoint.is_dir():
+                add(evaluate_to_file, (off_cfg.to_dict(), str(checkpoint), str(path), f"{off_label}@{step}"), str(path))
+            elif replay:
+                replays.setdefault(off_label, (off_cfg, {}))[1][str(path)] = step
+            elif missing is not None:
+                missing.append(str(path))
+    for off_label, (off_cfg, wanted) in replays.items():
+        paths = sorted(wanted, key=wanted.get)
+        jobs.append((replay_and_evaluate, (off_cfg.to_dict(), [wanted[p] for p in paths], paths,
+                                           [f"{off_label}@{wanted[p]}" for p in paths]), paths[-1]))
     return jobs

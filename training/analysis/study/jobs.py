@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import as_completed
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +46,23 @@ def eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict,
             "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
             "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist(),
                         "ratio": shown.ratio.mean(1).tolist()}}
+
+
+@contextmanager
+def exclusive(run_dir: Path):
+    """One writer per run directory. Killing the driver does not kill its worker processes, so a rerun of the
+    command while they still train would otherwise have two processes appending to one run; the second one
+    fails at once with a one-line error instead (an OS lock: it is released when its holder dies)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is being trained by another process (a worker of an earlier, "
+                               f"killed study?); stop it first") from None
+        yield
 
 
 def spawn_context():

@@ -18,8 +18,9 @@ The stages follow the protocol's section 7:
 - sd3-fixed: the same cells with the sweep's chosen form, given as --fixed-form once the selection rule has run;
 - flux-off / flux-adaptive / flux-fixed: the same on the FLUX-architecture toy (model.type=toy_flux).
 `--evaluate` runs the evaluation stage over the finished runs of the named stages (training.analysis.study.
-evaluation: every instrument and the three quality proxies on the final and matched checkpoints), resumable too.
-The flux stages come later.
+evaluation: every instrument and the three quality proxies on the final and matched checkpoints), resumable too;
+`--replay` lets it retrain off runs whose matched checkpoints are gone. `--archive FILE` packs the named stages'
+results and resumable state into one file (training.analysis.study.archive), so that a fresh machine continues.
 
 Every run logs the trainer's evaluation every 5 steps. NormGuard-off runs keep a checkpoint every 5 steps for
 the early-stopping control; the others keep their last checkpoint (written every 25 steps, so a killed run
@@ -34,7 +35,6 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -150,25 +150,9 @@ def run_status(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-@contextmanager
-def exclusive(run_dir: Path):
-    """One writer per run directory. Killing the driver does not kill its worker processes, so a rerun of the
-    command while they still train would otherwise have two processes appending to one run; the second one
-    fails at once with a one-line error instead (an OS lock: it is released when its holder dies)."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{run_dir} is being trained by another process (a worker of an earlier, "
-                               f"killed study?); stop it first") from None
-        yield
-
-
 def train_run(cfg_dict: dict) -> dict:
     """One run to its target step count (worker process): fresh, resumed after a kill, or extended."""
+    from training.analysis.study.jobs import exclusive
     from training.checkpoint import latest_checkpoint
     from training.config import config_from_dict
     from training.loop import train
@@ -203,14 +187,18 @@ def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None,
     return out
 
 
-def evaluate_finished(runs, out_dir: Path, workers: int) -> int:
+def evaluate_finished(runs, out_dir: Path, workers: int, replay: bool = False) -> int:
     """The evaluation stage over the finished runs (training.analysis.study.evaluation), resumable."""
     from training.analysis.study.evaluation import evaluation_jobs
     from training.analysis.study.jobs import spawn_context
 
     finished = [(spec, cfg) for spec, cfg, _, done in runs if done]
-    todo = evaluation_jobs(finished, out_dir)
-    print(f"evaluate: {len(todo)} checkpoints to evaluate for {len(finished)} finished runs", flush=True)
+    missing = []
+    todo = evaluation_jobs(finished, out_dir, replay=replay, missing=missing)
+    if missing:
+        print(f"evaluate: {len(missing)} matched checkpoints are gone (a restored study keeps no off-run "
+              f"checkpoints); left out: add --replay to train those off runs again up to them", flush=True)
+    print(f"evaluate: {len(todo)} jobs for {len(finished)} finished runs", flush=True)
     started = time.time()
     with ProcessPoolExecutor(max_workers=workers, mp_context=spawn_context()) as pool:
         jobs = {pool.submit(fn, *args): path for fn, args, path in todo}
@@ -232,6 +220,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fixed-form", default=None, help="the sweep's chosen form, for stage sd3-fixed")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated subset of {list(METHOD_CONFIGS)} for the main-grid stages (default all)")
+    parser.add_argument("--replay", action="store_true",
+                        help="with --evaluate: train NormGuard-off runs again up to matched checkpoints that are gone")
+    parser.add_argument("--archive", default=None, metavar="FILE",
+                        help="write these stages' results and resumable state to FILE (.tgz; restore with tar xzf "
+                             "FILE -C OUT); train nothing")
     parser.add_argument("--status", action="store_true", help="print how far each stage got; train nothing")
     parser.add_argument("--evaluate", action="store_true",
                         help="evaluate the finished runs of these stages (protocol section 3); train nothing")
@@ -255,8 +248,14 @@ def main(argv=None) -> int:
         print(f"{stage}: {sum(r[3] for r in mine)} of {len(mine)} runs at {args.steps} steps", flush=True)
     if args.status:
         return 0
+    if args.archive:
+        from training.analysis.study.archive import write_archive
+
+        count = write_archive([cfg.run_dir for _, cfg, _, _ in runs], Path(args.out), Path(args.archive))
+        print(f"archive: {count} files -> {args.archive}", flush=True)
+        return 0
     if args.evaluate:
-        return evaluate_finished(runs, Path(args.out), args.workers)
+        return evaluate_finished(runs, Path(args.out), args.workers, args.replay)
     # Seed-major order across the main-grid stages, so that an interrupted study leaves complete on/off pairs.
     todo = sorted(((spec, cfg) for spec, cfg, _, done in runs if not done),
                   key=lambda r: (r[0].stage != "sweep", r[0].seed))
