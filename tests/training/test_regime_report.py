@@ -208,6 +208,24 @@ def test_wall_time_counts_every_kept_step_of_a_resumed_run():
     assert (run_s, eval_s, n_runs, n_evals) == (13.0, 0.0, 2, 0)
 
 
+def test_replayed_matched_checkpoints_are_named_with_their_agreement():
+    """A matched NG-off checkpoint recreated by a replay is reported with how far the replay's log strays from the
+    run's; one evaluated on its original checkpoint is not mentioned, and with none replayed there is no note."""
+    from training.analysis.study.regime_report import replay_note
+
+    def on_run(seed, ev):
+        return Run(label=f"on{seed}", stage="s", model="flux", method="nft", reward="r", arm="adaptive", seed=seed,
+                   matched={"step": 300, "path": f"p{seed}", "eval": ev})
+
+    agree = {"steps_compared": 300, "max_abs_eval_reward_diff": 2e-4, "max_abs_norm_ratio_diff": 3e-6,
+             "replayed_to": 300}
+    runs = [on_run(0, {"label": "off_s0@300", "replay": agree}), on_run(1, {"label": "off_s1@300"}), on_run(2, None)]
+    (note, blank) = replay_note(runs)
+    assert blank == "" and "1 was recreated" in note and "at most 0.0002" in note and "3e-06" in note
+    assert "off_s0@300 (300 steps" in note and "off_s1" not in note
+    assert replay_note(runs[1:]) == []
+
+
 # ----------------------------------------------------------------------------------------------- the command
 def write_run(cfg, evals: dict[int, dict], eval_steps: list[tuple[int, float]], ratio: float, steps: int,
               status=True, lam=0.0):

@@ -110,6 +110,27 @@ def load_stage_runs(stages: list[str], steps: int, out_dir: Path, fixed_form=Non
     return runs
 
 
+def replay_note(runs: list[tables.Run]) -> list[str]:
+    """Report lines on the matched NG-off checkpoints that a replay recreated (evaluation.replay_and_evaluate: the
+    archive keeps no off-run checkpoints), with how closely each replay reproduced its run's own log, so that a
+    reader can tell such a control from one evaluated on the original checkpoint; [] when there are none."""
+    replays = {}
+    for r in runs:
+        ev = (r.matched or {}).get("eval") or {}
+        if "replay" in ev:
+            replays[ev.get("label", r.matched["path"])] = ev["replay"]
+    if not replays:
+        return []
+    worst = {k: max(v[k] for v in replays.values()) for k in ("max_abs_eval_reward_diff", "max_abs_norm_ratio_diff")}
+    return [f"Of the matched NG-off checkpoints, {len(replays)} {'was' if len(replays) == 1 else 'were'} recreated by training their off run again up to "
+            f"the matched step (`--evaluate --replay`; the original checkpoints were lost with a machine). Against "
+            f"the run's own log, a replay's logged evaluation reward differs by at most "
+            f"{worst['max_abs_eval_reward_diff']:.2g} and its training norm ratio by at most "
+            f"{worst['max_abs_norm_ratio_diff']:.2g}: " + "; ".join(
+                f"{label} ({v['steps_compared']} steps, {v['max_abs_eval_reward_diff']:.2g} / "
+                f"{v['max_abs_norm_ratio_diff']:.2g})" for label, v in sorted(replays.items())) + ".", ""]
+
+
 def references(runs: list[tables.Run], out_dir: Path) -> dict[str, dict]:
     """{'<model.type>-<reward>': the reference's evaluation} for the rewards of these runs, and 'data': the floor."""
     from training.analysis.study.evaluation import reference_path
@@ -329,6 +350,7 @@ def write_report(out_dir: Path, steps: int, stages: list[str], runs: list[tables
         if effects is not None:
             parts += ["T4 and T5 at a glance (the same intervals as their tables; filled: vs off at the end, hollow: "
                       "vs off at matched reward):", "", f"![effects]({effects.name})", ""]
+        parts += replay_note(main)
         plot = plot_adaptive(main, out_dir / "regime_adaptive.png")
         if plot is not None:
             parts += ["T8's lambda trajectory and logged ratio per adaptive run:", "", f"![adaptive]({plot.name})", ""]
