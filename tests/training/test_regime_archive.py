@@ -5,11 +5,13 @@ logs; a finished and evaluated run travels without its checkpoints."""
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 
 from tests.training.conftest import toy_overrides
 from training.analysis.study import regime
 from training.analysis.study.archive import write_archive
+from training.analysis.study.evaluation import replay_dir
 from training.analysis.study.regime import RunSpec, build_config, train_run
 from training.tracking import read_csv
 
@@ -27,6 +29,9 @@ def test_a_restored_study_continues_exactly(tmp_path, toy_cache, monkeypatch):
     train_run(cfg_done.to_dict())
     (cfg_done.run_dir / "eval").mkdir()
     (cfg_done.run_dir / "eval" / "step-2.json").write_text(json.dumps({"label": "done"}))
+    replay = replay_dir(cfg_done.run_dir)  # a replay under way (--evaluate --replay) travels like an unfinished run
+    shutil.copytree(cfg_done.run_dir / "checkpoints" / "step-2", replay / "checkpoints" / "step-2")
+    shutil.copy(cfg_done.run_dir / "metrics.csv", replay / "metrics.csv")
     (study / "reference").mkdir()
     (study / "reference" / "data.json").write_text("{}")
 
@@ -41,6 +46,7 @@ def test_a_restored_study_continues_exactly(tmp_path, toy_cache, monkeypatch):
     assert not any(n.startswith(f"{killed_rel}/checkpoints/step-1") for n in names)  # only the latest
     assert not any(n.startswith(f"{done_rel}/checkpoints") for n in names)  # finished and evaluated
     assert {f"{done_rel}/eval/step-2.json", f"{done_rel}/status.json", "reference/data.json"} <= names
+    assert {f"{done_rel}/replay/metrics.csv", f"{done_rel}/replay/checkpoints/step-2/model.safetensors"} <= names
 
     restored, _ = build_config(killed, 3, tmp_path / "restored")
     status = train_run(restored.to_dict())

@@ -89,10 +89,12 @@ def _pack(run_dirs: list[Path], out_dir: Path, tmp: Path) -> int:
             tar.add(file, arcname=str(arcname))
             count += 1
 
+        from training.analysis.study.evaluation import replay_dir
+
         for file in sorted((out_dir / "reference").glob("*.json")):
             add(file, file.relative_to(out_dir))
         for run_dir in map(Path, run_dirs):
-            for folder in (run_dir, run_dir / "replay"):
+            for folder in (run_dir, replay_dir(run_dir)):
                 if not folder.is_dir():
                     continue
                 rel = folder.relative_to(out_dir)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def evaluate_to_file(cfg_dict: dict, checkpoint: str | None, path: str, label: s
 
 
 def replay_dir(off_run_dir: Path) -> Path:
+    """Where an off run is trained again (replay_and_evaluate): inside its own run directory."""
     return Path(off_run_dir) / "replay"
 
 
@@ -120,9 +122,10 @@ def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], 
     from training.loop import train
     from training.tracking import read_csv
 
+    started = time.time()
     cfg = config_from_dict(off_cfg_dict)
     run_dir, target = cfg.run_dir, max(steps)
-    for o in (f"log.output_dir={run_dir}", "log.run_name=replay", f"train.steps={target}"):
+    for o in (f"log.output_dir={run_dir}", f"log.run_name={replay_dir(run_dir).name}", f"train.steps={target}"):
         apply_override(cfg, o)
     with exclusive(cfg.run_dir):
         last = latest_checkpoint(cfg.run_dir)
@@ -133,7 +136,8 @@ def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], 
         if not Path(path).is_file():
             evaluate_to_file(off_cfg_dict, str(cfg.run_dir / "checkpoints" / f"step-{step}"), path, label,
                              {"replay": {**agreement, "replayed_to": target}})
-    return {"label": f"{labels[0].split('@')[0]} replayed to step {target}", "agreement": agreement}
+    return {"label": f"{labels[0].split('@')[0]} replayed to step {target}", "agreement": agreement,
+            "seconds": time.time() - started}
 
 
 def data_floor(cfg_dict: dict, path: str) -> dict:
