@@ -25,22 +25,21 @@ replaces its checkpoint every 25 steps) is retried with that one, so an archive 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+
+from training.analysis.study.evaluation import replay_dir
+from training.analysis.study.jobs import run_status
 
 RESULT_FILES = ("config.yaml", "metrics.csv", "status.json")
 
 
 def needs_checkpoint(run_dir: Path) -> bool:
     """Unfinished (no status.json), or finished without the evaluation of its final checkpoint."""
-    status = run_dir / "status.json"
-    if not status.is_file():
-        return True
-    steps = json.loads(status.read_text())["steps"]
-    return not (run_dir / "eval" / f"step-{steps}.json").is_file()
+    status = run_status(run_dir)
+    return status is None or not (run_dir / "eval" / f"step-{status['steps']}.json").is_file()
 
 
 def _copy_latest_checkpoint(run_dir: Path, into: Path, tries: int = 3) -> Path | None:
@@ -88,8 +87,6 @@ def _pack(run_dirs: list[Path], out_dir: Path, tmp: Path) -> int:
             nonlocal count
             tar.add(file, arcname=str(arcname))
             count += 1
-
-        from training.analysis.study.evaluation import replay_dir
 
         for file in sorted((out_dir / "reference").glob("*.json")):
             add(file, file.relative_to(out_dir))

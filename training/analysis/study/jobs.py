@@ -4,6 +4,7 @@ plain data, so they cross the process boundary as pickles.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import as_completed
 from contextlib import contextmanager
@@ -46,6 +47,12 @@ def eval_job(cfg_dict: dict, checkpoint: str | None, label: str, settings: dict,
             "adjoint_total": result.adjoint_total, "seconds": time.time() - started,
             "samples": {"prompts": shown.prompts, "images": shown.images.mul(255).round().byte().tolist(),
                         "ratio": shown.ratio.mean(1).tolist()}}
+
+
+def run_status(run_dir: Path) -> dict | None:
+    """A run's status.json (written by regime.train_run when it reaches its target), None while it has none."""
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @contextmanager

@@ -145,11 +145,6 @@ def build_config(spec: RunSpec, steps: int, out_dir: Path):
     return cfg, ident
 
 
-def run_status(run_dir: Path) -> dict | None:
-    path = run_dir / "status.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def train_run(cfg_dict: dict) -> dict:
     """One run to its target step count (worker process): fresh, resumed after a kill, or extended."""
     from training.analysis.study.jobs import exclusive
@@ -175,6 +170,8 @@ def train_run(cfg_dict: dict) -> dict:
 def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None,
          methods: tuple[str, ...] | None = None) -> list[tuple[RunSpec, object, str, bool]]:
     """-> [(spec, cfg, identity, done)] in stage order; `methods` keeps only the main-grid runs of those methods."""
+    from training.analysis.study.jobs import run_status
+
     out = []
     for stage in stages:
         for spec in stage_runs(stage, fixed_form):
@@ -182,7 +179,7 @@ def plan(stages: list[str], steps: int, out_dir: Path, fixed_form=None,
                                                                      for m in methods):
                 continue
             cfg, ident = build_config(spec, steps, out_dir)
-            status = run_status(cfg.run_dir)
+            status = run_status(cfg.run_dir)  # training.analysis.study.jobs
             out.append((spec, cfg, ident, status is not None and status["steps"] >= steps))
     return out
 
