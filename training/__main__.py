@@ -61,7 +61,7 @@ def _split_resume(argv: list[str]) -> list[str]:
 def parse_args(argv=None):
     parser = _Parser(
         prog="python -m training",
-        description="RL post-training of flow-matching models (NFT / AWM / DPO + NormGuard).",
+        description="RL post-training of flow-matching models (NFT / AWM / DPO / GRPO + NormGuard).",
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file (default: training/configs/toy.yaml); a bare "
