@@ -119,7 +119,7 @@ def test_matching_uses_the_evaluated_steps(tmp_path):
 def test_evaluation_stage_writes_each_checkpoint_once_and_replays_a_lost_one(tmp_path, toy_cache, monkeypatch):
     """Final checkpoints of an off and an adaptive run, the off run's matched checkpoint, the reference and the
     data floor each get one complete JSON; a second pass finds nothing left to do (the stage resumes). A matched
-    checkpoint that is gone is replayed exactly."""
+    checkpoint that is gone is replayed exactly, from step 0 again when a restored replay holds only a later one."""
     from training.analysis.study import evaluation
 
     monkeypatch.setattr(evaluation, "EVAL", dict(evaluation.EVAL, samples_per_prompt=1, few_steps=(2,),
@@ -168,6 +168,18 @@ def test_evaluation_stage_writes_each_checkpoint_once_and_replays_a_lost_one(tmp
                                   "max_abs_norm_ratio_diff": 0.0, "replayed_to": matched}
     assert replayed["rows"] == original["rows"]
     assert evaluation.evaluation_jobs(finished, tmp_path / "study", replay=True) == []
+
+    # The replay restored from its archive keeps its latest checkpoint only; here that one lies past the wanted step
+    # (as when an on run of the same cell, matched later, made the replay go further). The replay is trained again
+    # from step 0 rather than evaluating a checkpoint that is not there, and repeats the run exactly once more.
+    replay = evaluation.replay_dir(off_dir)
+    for folder in (replay / "checkpoints").glob("step-*"):
+        shutil.rmtree(folder) if folder.name != f"step-{matched}" else folder.rename(folder.with_name("step-15"))
+    matched_json.unlink()
+    (job,) = evaluation.evaluation_jobs(finished, tmp_path / "study", replay=True)
+    job[0](*job[1])
+    assert json.loads(matched_json.read_text())["rows"] == original["rows"]
+    assert sorted(f.name for f in (replay / "checkpoints").glob("step-*")) == sorted({"step-5", f"step-{matched}"})
 
 
 def test_a_run_has_one_writer(tmp_path):

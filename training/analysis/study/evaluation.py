@@ -114,8 +114,10 @@ def replay_agreement(run_metrics: list[dict], replay_metrics: list[dict]) -> dic
 def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], labels: list[str]) -> dict:
     """Worker job: an off run's matched checkpoints when they are gone. The run is trained again from its config into
     `<run>/replay` up to the last of `steps` (resuming a replay that stopped; its checkpoints every 5 steps are all
-    kept), then each step's checkpoint is evaluated to its path as evaluate_to_file does, with a "replay" entry
-    (replay_agreement against the run's own metrics.csv) so that a replay that did not reproduce its run shows."""
+    kept; a replay restored from its archive, which kept its latest checkpoint only, is retrained from step 0 when a
+    step it still needs lies below that checkpoint), then each step's checkpoint is evaluated to its path as
+    evaluate_to_file does, with a "replay" entry (replay_agreement against the run's own metrics.csv) so that a
+    replay that did not reproduce its run shows."""
     from training.analysis.study.jobs import exclusive
     from training.checkpoint import latest_checkpoint, step_of
     from training.config import apply_override, config_from_dict
@@ -129,6 +131,10 @@ def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], 
         apply_override(cfg, o)
     with exclusive(cfg.run_dir):
         last = latest_checkpoint(cfg.run_dir)
+        if last is not None and any(s <= step_of(last) and not (last.parent / f"step-{s}").is_dir()
+                                    for s, p in zip(steps, paths) if not Path(p).is_file()):
+            _clear_replay(cfg.run_dir)  # a restored replay keeps its latest checkpoint only: retrain from step 0
+            last = None
         if last is None or step_of(last) < target:
             train(cfg, resume=last is not None)
     agreement = replay_agreement(read_csv(run_dir / "metrics.csv"), read_csv(cfg.run_dir / "metrics.csv"))
@@ -138,6 +144,15 @@ def replay_and_evaluate(off_cfg_dict: dict, steps: list[int], paths: list[str], 
                              {"replay": {**agreement, "replayed_to": target}})
     return {"label": f"{labels[0].split('@')[0]} replayed to step {target}", "agreement": agreement,
             "seconds": time.time() - started}
+
+
+def _clear_replay(folder: Path) -> None:
+    """Empties a replay's folder but for its lock (held by the caller): a replay is recreated, never the original."""
+    import shutil
+
+    for entry in folder.iterdir():
+        if entry.name != "train.lock":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def data_floor(cfg_dict: dict, path: str) -> dict:
